@@ -1,0 +1,1 @@
+"""Campaign scheduler: the library the API imports (no worker-only code here)."""

@@ -1,0 +1,97 @@
+"""Redis connections shared by the client and the worker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from arq.connections import ArqRedis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from app import serialization
+from app.settings import Settings
+
+__all__ = ["REDIS_DOWN_ERRORS", "connect", "create_redis", "wait_for_redis"]
+
+log = logging.getLogger(__name__)
+
+#: Errors that mean "Redis is not reachable right now" (as opposed to a bad command).
+REDIS_DOWN_ERRORS: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+_WAIT_ERRORS: tuple[type[BaseException], ...] = (*REDIS_DOWN_ERRORS, RedisError)
+
+
+def create_redis(settings: Settings, **kwargs: Any) -> ArqRedis:
+    """An arq-capable Redis client for ``REDIS_URL`` with JSON job serialization.
+
+    ``from_url`` understands auth, ``rediss://`` (TLS, hostname checked) and ``unix://``.
+    Nothing is connected until the first command.
+    """
+    url = settings.redis_url.get_secret_value()
+    options: dict[str, Any] = {
+        "socket_connect_timeout": 2.0,
+        "socket_keepalive": True,
+        "health_check_interval": 15,
+    }
+    if url.startswith("rediss://"):
+        options["ssl_check_hostname"] = True
+    options.update(kwargs)
+    redis: ArqRedis = ArqRedis.from_url(url, **options)
+    redis.job_serializer = serialization.dumps
+    redis.job_deserializer = serialization.loads
+    redis.default_queue_name = settings.queue_name
+    redis.expires_extra_ms = int(settings.job_expiry_extra * 1000)
+    return redis
+
+
+async def wait_for_redis(
+    redis: ArqRedis,
+    *,
+    backoff_max: float,
+    stop: asyncio.Event | None = None,
+    on_attempt: Callable[[int, BaseException], None] | None = None,
+) -> bool:
+    """PING until Redis answers, backing off exponentially up to ``backoff_max`` seconds.
+
+    Returns False if ``stop`` was set first.
+    """
+    delay = 0.1
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            await redis.ping()
+            return True
+        except _WAIT_ERRORS as exc:
+            if on_attempt is not None:
+                on_attempt(attempt, exc)
+        if stop is not None:
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+                return False
+            except TimeoutError:
+                pass
+        else:
+            await asyncio.sleep(delay)
+        delay = min(delay * 2, backoff_max)
+
+
+async def connect(settings: Settings) -> ArqRedis:
+    """Create a client and check it answers (raises the connection error if not)."""
+    redis = create_redis(settings)
+    try:
+        await redis.ping()
+    except BaseException:
+        await redis.aclose()
+        raise
+    return redis

@@ -1,0 +1,1 @@
+"""Campaign worker: arq worker settings, processors, action handlers, HTTP server, CLI."""

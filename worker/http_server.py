@@ -1,0 +1,84 @@
+"""The HTTP server beside each worker: ``/livez``, ``/readyz`` and ``/metrics``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+from worker.health import Health
+
+__all__ = ["HealthServer", "build_app"]
+
+log = logging.getLogger(__name__)
+
+Probe = Callable[[], Awaitable[None]]
+
+
+def build_app(
+    health: Health,
+    registry: CollectorRegistry,
+    redis_probe: Probe | None = None,
+    before_scrape: Callable[[], Awaitable[None]] | None = None,
+) -> web.Application:
+    """The aiohttp application; ``redis_probe`` raises when Redis does not answer."""
+
+    async def livez(_: web.Request) -> web.Response:
+        # Answering at all proves the process and its event loop are alive. Dependencies
+        # are deliberately not checked here: a Redis outage must not cause restart storms.
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        reason = health.not_ready_reason()
+        if reason is None and redis_probe is not None:
+            try:
+                await asyncio.wait_for(redis_probe(), 1.0)
+            except Exception as exc:
+                reason = f"redis unreachable: {type(exc).__name__}: {exc}"
+        if reason is not None:
+            return web.json_response({"status": "unavailable", "reason": reason}, status=503)
+        return web.json_response({"status": "ok"})
+
+    async def metrics_handler(request: web.Request) -> web.Response:
+        if before_scrape is not None:
+            try:
+                await before_scrape()
+            except Exception:
+                log.warning("refreshing metrics before scrape failed", exc_info=True)
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        body = encoder(registry)
+        resp = web.Response(body=body)
+        resp.headers["Content-Type"] = content_type
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/livez", livez)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler)
+    return app
+
+
+class HealthServer:
+    """Runs :func:`build_app` on host:port inside the worker's event loop."""
+
+    def __init__(self, app: web.Application, host: str, port: int) -> None:
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._host = host
+        self._port = port
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self._port, reuse_address=True)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else self._port
+        log.info("http server listening", extra={"host": self._host, "port": self.port})
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()

@@ -1,0 +1,91 @@
+"""Structured logging: JSON lines for machines, a readable format on a terminal.
+
+Job context (job id, function, enrollment, ...) lives in a context variable set when a job
+starts, so every line a job logs carries it without threading it through calls.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import orjson
+
+__all__ = ["bind", "configure_logging", "job_context"]
+
+job_context: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar(
+    "job_context", default=None
+)
+
+_RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+
+@contextmanager
+def bind(**fields: Any) -> Iterator[None]:
+    """Add fields to every log line written inside the block (and tasks it starts)."""
+    token = job_context.set({**(job_context.get() or {}), **fields})
+    try:
+        yield
+    finally:
+        job_context.reset(token)
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    out: dict[str, Any] = dict(job_context.get() or {})
+    for key, value in record.__dict__.items():
+        if key not in _RESERVED and not key.startswith("_"):
+            out[key] = value
+    return out
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, job context, extras."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        doc.update(_fields(record))
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(doc, default=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    """``12:00:01.123 INFO  worker.x  message  key=value ...`` for people at a terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        extras = " ".join(f"{k}={v}" for k, v in _fields(record).items())
+        line = (
+            f"{stamp}.{int(record.msecs):03d} {record.levelname:<7} {record.name}  "
+            f"{record.getMessage()}"
+        )
+        if extras:
+            line += f"  {extras}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
+    """Send all logs to stdout in the chosen format (``auto``: text on a TTY, else JSON)."""
+    use_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter() if use_json else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # arq logs every job start and end at INFO; ours carry the same with context.
+    logging.getLogger("arq").setLevel(max(logging.getLevelName(level), logging.WARNING))
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
