@@ -30,6 +30,7 @@ from app.keys import Keys
 from app.settings import Settings
 from worker.health import Health
 from worker.http_server import HealthServer, build_app
+from worker.instrument import instrument_all
 from worker.metrics import metrics
 
 __all__ = ["SupervisedWorker", "check_eviction_policy", "run_worker", "worker_options"]
@@ -244,7 +245,7 @@ async def run_worker(
         await check_eviction_policy(redis)
 
         worker = SupervisedWorker(
-            functions,
+            instrument_all(functions),
             redis_pool=redis,
             health=health,
             backoff_max=settings.redis_backoff_max,

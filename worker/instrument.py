@@ -1,0 +1,73 @@
+"""Wraps every job function: log context, start/finish lines, duration, lateness, outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from arq import Retry
+from arq.worker import Function, func
+
+from worker.logs import bind
+from worker.metrics import metrics
+
+__all__ = ["OUTCOMES", "instrument", "instrument_all"]
+
+log = logging.getLogger("worker.jobs")
+
+#: Outcomes a job function may return to label its metrics; anything else counts as success.
+OUTCOMES = frozenset({"success", "retry", "failed", "stale", "rescheduled"})
+
+
+def instrument(function: Function) -> Function:
+    """A copy of ``function`` whose runs are logged, timed and counted."""
+    inner = function.coroutine
+    name = function.name
+
+    @functools.wraps(inner)
+    async def wrapper(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        start = time.time()
+        lateness = max(0.0, start - ctx.get("score", start * 1000) / 1000)
+        metrics.job_lateness.labels(function=name).observe(lateness)
+        outcome = "error"
+        with bind(job_id=ctx.get("job_id"), function=name, job_try=ctx.get("job_try")):
+            log.info("job started", extra={"lateness_seconds": round(lateness, 4)})
+            try:
+                result = await inner(ctx, *args, **kwargs)
+                outcome = result if isinstance(result, str) and result in OUTCOMES else "success"
+                return result
+            except Retry:
+                outcome = "retry"
+                raise
+            except asyncio.CancelledError:
+                outcome = "cancelled"
+                raise
+            finally:
+                duration = time.time() - start
+                metrics.jobs.labels(function=name, outcome=outcome).inc()
+                metrics.job_duration.labels(function=name).observe(duration)
+                level = logging.WARNING if outcome in ("error", "cancelled") else logging.INFO
+                log.log(
+                    level,
+                    "job finished",
+                    extra={"outcome": outcome, "duration_seconds": round(duration, 4),
+                           "lateness_seconds": round(lateness, 4)},
+                )  # fmt: skip
+
+    return Function(
+        name=name,
+        coroutine=wrapper,
+        timeout_s=function.timeout_s,
+        keep_result_s=function.keep_result_s,
+        keep_result_forever=function.keep_result_forever,
+        max_tries=function.max_tries,
+    )
+
+
+def instrument_all(functions: Sequence[Function | Callable[..., Any]]) -> list[Function]:
+    """:func:`instrument` each function (plain coroutines are wrapped with ``arq.func`` first)."""
+    return [instrument(f if isinstance(f, Function) else func(f)) for f in functions]
