@@ -1,0 +1,115 @@
+"""The async client the API imports (PRODUCT.md section 6)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import Any
+
+from arq.connections import ArqRedis
+
+from app.campaigns import Campaign
+from app.connection import create_redis
+from app.models import EnrollmentStatus
+from app.scheduling import SchedulingService
+from app.settings import Settings, get_settings
+
+__all__ = ["CampaignClient"]
+
+
+class CampaignClient:
+    """Register campaigns, enroll contacts, deliver events, cancel, inspect and replay.
+
+    Use as ``async with CampaignClient.from_settings() as client: ...`` or with an explicit
+    ``redis_url``. Every method raises a typed :mod:`app.errors` exception on bad input.
+    """
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        settings: Settings | None = None,
+        redis: ArqRedis | None = None,
+    ) -> None:
+        if settings is None:
+            settings = Settings.load(redis_url=redis_url) if redis_url else get_settings()
+        elif redis_url is not None:
+            settings = settings.model_copy(
+                update={"redis_url": Settings.load(redis_url=redis_url).redis_url}
+            )
+        self.settings = settings
+        self._owns_redis = redis is None
+        self.redis = redis if redis is not None else create_redis(settings)
+        self.service = SchedulingService(self.redis, settings)
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None) -> CampaignClient:
+        """A client configured from the environment (``REDIS_URL``, ``CAMPAIGN_*``)."""
+        return cls(settings=settings or get_settings())
+
+    async def __aenter__(self) -> CampaignClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the Redis connections this client opened."""
+        if self._owns_redis:
+            await self.redis.aclose()
+
+    async def register_campaign(self, definition: Mapping[str, Any] | Campaign) -> int:
+        """Validate and store a campaign; returns its new version (1 for a new id).
+
+        Raises :class:`~app.errors.InvalidCampaign` naming every bad field.
+        """
+        return (await self.service.registry.register(definition)).version or 0
+
+    async def get_campaign(self, campaign_id: str, version: int | None = None) -> Campaign:
+        """A registered campaign version (the latest when None)."""
+        return await self.service.registry.get(campaign_id, version)
+
+    async def enroll(
+        self,
+        campaign_id: str,
+        contact_id: str,
+        attributes: Mapping[str, Any] | None = None,
+        timezone: str | None = None,
+    ) -> EnrollmentStatus:
+        """Enroll a contact in the campaign's latest version.
+
+        Raises :class:`~app.errors.CampaignNotFound`, :class:`~app.errors.AlreadyEnrolled`
+        or :class:`~app.errors.InvalidRequest` (bad contact id, time zone or attributes).
+        """
+        return await self.service.enroll(campaign_id, contact_id, attributes, timezone)
+
+    async def enroll_many(
+        self, campaign_id: str, contacts: Iterable[Mapping[str, Any]], *, batch_size: int = 1000
+    ) -> int:
+        """Enroll many contacts (dicts with ``contact_id`` and optional ``attributes`` and
+        ``timezone``), one pipelined round trip per ``batch_size``; returns how many were
+        enrolled. Contacts already enrolled are skipped, not raised."""
+        return await self.service.enroll_many(campaign_id, contacts, batch_size=batch_size)
+
+    async def signal(
+        self, enrollment_id: str, event: str, payload: Mapping[str, Any] | None = None
+    ) -> bool:
+        """Deliver an event; False when the enrollment is not waiting for that event."""
+        return await self.service.signal(enrollment_id, event, payload)
+
+    async def cancel(self, enrollment_id: str, reason: str = "") -> bool:
+        """Cancel an active enrollment (final); False when it had already ended."""
+        return await self.service.cancel(enrollment_id, reason)
+
+    async def status(self, enrollment_id: str) -> EnrollmentStatus:
+        """State, node, step, attempt, run_at, deadline, error and history."""
+        return await self.service.status(enrollment_id)
+
+    async def replay(self, enrollment_id: str) -> EnrollmentStatus:
+        """Bring a failed enrollment back: it runs the failed node again as a new step."""
+        return await self.service.replay(enrollment_id)

@@ -1,0 +1,107 @@
+"""What the client returns: enrollment status, history entries, errors."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+__all__ = [
+    "ACTIVE_STATES",
+    "TERMINAL_STATES",
+    "EnrollmentStatus",
+    "ErrorInfo",
+    "HistoryEntry",
+    "State",
+    "ms_to_datetime",
+]
+
+
+class State(StrEnum):
+    """Enrollment states (PRODUCT.md section 4)."""
+
+    SCHEDULED = "scheduled"
+    RUNNING = "running"
+    WAITING = "waiting"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL_STATES = frozenset({State.COMPLETED, State.FAILED, State.CANCELLED})
+ACTIVE_STATES = frozenset({State.SCHEDULED, State.RUNNING, State.WAITING})
+
+
+def ms_to_datetime(ms: int | float | str | None) -> datetime | None:
+    """Epoch milliseconds (as stored in Redis) to an aware UTC datetime."""
+    if ms is None or ms == "":
+        return None
+    return datetime.fromtimestamp(int(ms) / 1000, tz=UTC)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class ErrorInfo(_Frozen):
+    """Why an enrollment failed."""
+
+    type: str
+    message: str
+    traceback: str | None = None
+    trace_id: str | None = None
+    node: str | None = None
+    step: int | None = None
+    attempt: int | None = None
+    at: datetime | None = None
+
+
+class HistoryEntry(_Frozen):
+    """One transition: when, from and to which state, at which node and step, and why."""
+
+    at: datetime
+    from_state: str | None
+    to_state: str
+    node: str | None
+    step: int
+    attempt: int | None = None
+    reason: str = ""
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> HistoryEntry:
+        return cls(
+            at=ms_to_datetime(doc["at"]) or datetime.now(UTC),
+            from_state=doc.get("from") or None,
+            to_state=doc["to"],
+            node=doc.get("node"),
+            step=int(doc.get("step", 0)),
+            attempt=doc.get("attempt"),
+            reason=doc.get("reason", ""),
+        )
+
+
+class EnrollmentStatus(_Frozen):
+    """An enrollment as stored, with its history (oldest first)."""
+
+    enrollment_id: str
+    campaign_id: str
+    contact_id: str
+    campaign_version: int
+    state: State
+    node: str | None
+    step: int
+    attempt: int
+    run_at: datetime | None
+    deadline: datetime | None
+    timezone: str | None
+    attributes: dict[str, Any]
+    error: ErrorInfo | None
+    created_at: datetime | None
+    updated_at: datetime | None
+    history: list[HistoryEntry] = []
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
