@@ -18,8 +18,11 @@ Semantics, beyond the contract:
   from the ``holidays`` package, observed days included) closes the windows that start on
   that local date; an overnight window from the day before still runs into it.
 - `open_time(a, b)` is zero when ``b <= a``.
-- Results are returned in the schedule's zone; they compare equal to the true instant
-  whatever zone the argument carried.
+- Results are in UTC, whatever zone the argument carried. Not in the schedule's zone: by
+  PEP 495 a zoneinfo datetime in a repeated hour (or a gap) never compares equal to a
+  datetime of another zone, so "compares equal to the true instant" would fail there.
+  ``result.astimezone(schedule.tzinfo)`` gives local time for display. The same trap
+  applies to arguments: compare such instants with ``a - b == timedelta(0)``.
 
 Internally every instant is an integer count of microseconds since the epoch, so the
 arithmetic is exact. Windows are resolved to instants lazily, one local month at a time
@@ -35,6 +38,7 @@ from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
 from hashlib import blake2b
+from itertools import pairwise
 from typing import Any, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -52,7 +56,6 @@ __all__ = ["BusinessHours", "spread_offset"]
 
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _DAY_MIN = 24 * 60
-_WEEK_MIN = 7 * _DAY_MIN
 _SEC = 1_000_000
 _US = timedelta(microseconds=1)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -139,7 +142,7 @@ def _parse_weekly(weekly: Mapping[str, tuple[str, ...]]) -> tuple[tuple[Window, 
             spans.append(((k + 7) * _DAY_MIN + start, (k + 7) * _DAY_MIN + end, label))
         days.append(tuple(sorted(wins)))
     spans.sort()
-    for (_, end_a, label_a), (start_b, _, label_b) in zip(spans, spans[1:], strict=False):
+    for (_, end_a, label_a), (start_b, _, label_b) in pairwise(spans):
         if start_b < end_a:
             raise ValueError(f"weekly: window {label_a} overlaps {label_b}")
     return tuple(days)
@@ -483,14 +486,15 @@ class BusinessHours(BaseModel):
 
     @property
     def tzinfo(self) -> ZoneInfo:
-        """The schedule's zone; results are returned in it."""
+        """The schedule's zone (results are in UTC; convert with ``astimezone``)."""
         return self._e.tz
 
     # -- queries --------------------------------------------------------------------
 
-    def _out(self, x: int) -> datetime:
+    @staticmethod
+    def _out(x: int) -> datetime:
         sec, us = divmod(x, _SEC)
-        return datetime.fromtimestamp(sec, self._e.tz).replace(microsecond=us)
+        return datetime.fromtimestamp(sec, UTC).replace(microsecond=us)
 
     def is_open(self, t: datetime) -> bool:
         """Whether `t` lies inside a window."""

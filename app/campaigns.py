@@ -209,14 +209,7 @@ class Campaign(_Model):
         try:
             return BusinessHours.model_validate({"timezone": self.timezone, **self.business_hours})
         except ValidationError as exc:
-            raise ValueError(
-                "; ".join(
-                    f"business_hours.{'.'.join(str(p) for p in e['loc'])}: {_msg(e['msg'])}".replace(
-                        "business_hours.: ", "business_hours: "
-                    )
-                    for e in exc.errors()
-                )
-            ) from None
+            raise ValueError("; ".join(_bh_error(e) for e in exc.errors())) from None
 
     def calendar_for(self, timezone: str | None) -> BusinessHours | None:
         """The calendar in an enrollment's own zone (its ``timezone``, else the campaign's)."""
@@ -234,6 +227,15 @@ class Campaign(_Model):
     def definition(self) -> dict[str, Any]:
         """The JSON-able definition, without the registry's version."""
         return self.model_dump(mode="json", exclude={"version"}, exclude_none=False)
+
+
+def _bh_error(err: Any) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = _msg(err["msg"])
+    # The calendar's own messages usually start with the field path already.
+    if not loc or msg.startswith(str(err["loc"][0])):
+        return f"business_hours.{msg}" if loc else f"business_hours: {msg}"
+    return f"business_hours.{loc}: {msg}"
 
 
 def _msg(text: str) -> str:

@@ -47,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from worker.admin import ping_workers
 
             return asyncio.run(ping_workers(settings, args.timeout))
+    except ConfigError as exc:
+        print(f"campaign-worker: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
     return 0

@@ -18,7 +18,8 @@ PING_MAX_SECONDS = 60.0
 async def ping(ctx: dict[str, Any], token: str, seconds: float = 0.0) -> None:
     """Sleep ``seconds`` (at most a minute), then record which worker answered ``token``."""
     started = time.time()
-    await asyncio.sleep(min(max(float(seconds), 0.0), PING_MAX_SECONDS))
+    limit = min(PING_MAX_SECONDS, ctx["settings"].job_timeout * 0.8)
+    await asyncio.sleep(min(max(float(seconds), 0.0), limit))
     keys = Keys(ctx["settings"].key_prefix)
     doc = {
         "worker_id": ctx["worker_id"],
