@@ -1,0 +1,325 @@
+"""Campaigns end to end: a real worker subprocess, real Redis, a real HTTP service."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from arq.constants import job_key_prefix
+
+from app import CampaignClient
+from app.keys import Keys
+from app.models import State
+from app.scheduling import JobTarget, timeout_job_id
+from app.settings import Settings
+from tests.fake_service import FakeService
+from tests.helpers import WorkerProcess, eventually
+from worker.embedded_redis import EmbeddedRedis
+
+
+def http(path: str, svc: FakeService, nxt: str | None = "done", **extra: Any) -> dict[str, Any]:
+    return {
+        "type": "action",
+        "action": "http",
+        "params": {"url": svc.url(path)},
+        "next": nxt,
+        **extra,
+    }
+
+
+def fast_retry(max_attempts: int = 5, base: float = 0.2) -> dict[str, Any]:
+    return {"max_attempts": max_attempts, "backoff": "fixed", "base_delay": base,
+            "max_delay": base, "jitter": False}  # fmt: skip
+
+
+def campaign(cid: str, nodes: dict[str, Any], entry: str = "first", **extra: Any) -> dict[str, Any]:
+    return {"id": cid, "entry": entry, "nodes": {**nodes, "done": {"type": "exit"}}, **extra}
+
+
+@pytest.fixture
+async def svc() -> AsyncIterator[FakeService]:
+    service = await FakeService().start()
+    yield service
+    await service.stop()
+
+
+@pytest.fixture
+async def client(settings: Settings, redis: Any) -> AsyncIterator[CampaignClient]:
+    async with CampaignClient(settings=settings) as c:
+        yield c
+
+
+@pytest.fixture
+async def worker(redis_server: EmbeddedRedis, redis: Any) -> AsyncIterator[WorkerProcess]:
+    proc = WorkerProcess(redis_server.url, CAMPAIGN_JOB_TIMEOUT="5").start()
+    await proc.wait_status("/readyz", 200)
+    yield proc
+    assert proc.stop() == 0
+
+
+async def wait_state(client: CampaignClient, eid: str, state: State, timeout: float = 15) -> Any:
+    async def check() -> Any:
+        st = await client.status(eid)
+        return st if st.state == state else None
+
+    return await eventually(check, timeout, 0.02, f"{eid} to be {state}")
+
+
+def reasons(status: Any) -> list[str]:
+    return [h.reason for h in status.history]
+
+
+async def test_full_campaign_reply_or_timeout(
+    client: CampaignClient, svc: FakeService, worker: WorkerProcess
+) -> None:
+    await client.register_campaign(campaign("full", {
+        "first": http("/ok", svc, "wait"),
+        "wait": {"type": "wait", "event": "replied", "timeout": 1.5,
+                 "on_event": "thanks", "on_timeout": "nudge"},
+        "thanks": http("/outcome/thanked", svc),
+        "nudge": http("/ok", svc),
+    }))  # fmt: skip
+    ids = [(await client.enroll("full", f"c{i}", {"i": i})).enrollment_id for i in range(10)]
+    for eid in ids[::2]:
+        await wait_state(client, eid, State.WAITING)
+        assert await client.signal(eid, "replied", {"text": "thanks!"}) is True
+    for eid in ids:
+        st = await wait_state(client, eid, State.COMPLETED)
+        states = [h.to_state for h in st.history]
+        assert states[:3] == ["scheduled", "running", "waiting"]
+        assert states[-3:] == ["scheduled", "running", "completed"]
+        replied = eid in ids[::2]
+        assert any("event replied" in r for r in reasons(st)) is replied
+        assert any("timeout of wait" in r for r in reasons(st)) is not replied
+        paths = [c.path for c in svc.calls_for(eid)]
+        assert paths == ["/ok", "/outcome/thanked" if replied else "/ok"]
+        keys = [c.key for c in svc.calls_for(eid)]
+        assert keys == [f"{eid}:1", f"{eid}:3"]  # step 1 first, 2 wait, 3 the branch
+    thanked = svc.calls_for(ids[0])[1]
+    assert thanked.body["event"]["payload"] == {"text": "thanks!"}
+    assert thanked.body["attributes"] == {"i": 0}
+
+
+async def test_transient_failures_retry_with_one_key(
+    client: CampaignClient, svc: FakeService, worker: WorkerProcess
+) -> None:
+    await client.register_campaign(
+        campaign("flaky", {"first": http("/flaky/2", svc, retry=fast_retry())})
+    )
+    st = await client.enroll("flaky", "a")
+    done = await wait_state(client, st.enrollment_id, State.COMPLETED)
+    calls = svc.calls_for(st.enrollment_id)
+    assert len(calls) == 3 and {c.key for c in calls} == {f"{st.enrollment_id}:1"}
+    gaps = [b.at - a.at for a, b in zip(calls, calls[1:], strict=False)]
+    assert all(g >= 0.19 for g in gaps), gaps
+    assert [c.body["attempt"] for c in calls] == [1, 2, 3]
+    assert sum("retry in" in r for r in reasons(done)) == 2
+
+
+async def test_permanent_error_fails_at_once(
+    client: CampaignClient, svc: FakeService, worker: WorkerProcess
+) -> None:
+    await client.register_campaign(
+        campaign("perm", {"first": http("/bad", svc, retry=fast_retry())})
+    )
+    st = await client.enroll("perm", "a")
+    failed = await wait_state(client, st.enrollment_id, State.FAILED)
+    assert len(svc.calls_for(st.enrollment_id)) == 1
+    assert failed.error is not None and failed.error.type == "PermanentError"
+    assert "HTTP 400" in failed.error.message and failed.error.traceback
+
+
+async def test_exhausted_retries_fail_then_replay_completes(
+    client: CampaignClient, svc: FakeService, worker: WorkerProcess
+) -> None:
+    await client.register_campaign(
+        campaign("tog", {"first": http("/toggle", svc, retry=fast_retry(2, 0.05))})
+    )
+    st = await client.enroll("tog", "a")
+    failed = await wait_state(client, st.enrollment_id, State.FAILED)
+    assert len(svc.calls_for(st.enrollment_id)) == 2
+    assert failed.error is not None and "attempt 2 of 2" in failed.error.message
+    svc.failing = False
+    replayed = await client.replay(st.enrollment_id)
+    assert replayed.state == State.SCHEDULED and replayed.step == failed.step + 1
+    await wait_state(client, st.enrollment_id, State.COMPLETED)
+    assert len(svc.calls_for(st.enrollment_id)) == 3
+
+
+async def test_retry_after_is_honoured(
+    client: CampaignClient, svc: FakeService, worker: WorkerProcess
+) -> None:
+    await client.register_campaign(
+        campaign("rl", {"first": http("/ratelimit/1", svc, retry=fast_retry(3, 0.05))})
+    )
+    st = await client.enroll("rl", "a")
+    await wait_state(client, st.enrollment_id, State.COMPLETED)
+    first, second = svc.calls_for(st.enrollment_id)
+    assert second.at - first.at >= 0.99
+
+
+async def test_hanging_handler_is_cut_off(
+    client: CampaignClient, svc: FakeService, worker: WorkerProcess
+) -> None:
+    await client.register_campaign(
+        campaign("hang", {"first": http("/hang", svc, retry=fast_retry(2, 0.05), timeout=0.3)})
+    )
+    st = await client.enroll("hang", "a")
+    failed = await wait_state(client, st.enrollment_id, State.FAILED)
+    assert len(svc.calls_for(st.enrollment_id)) == 2
+    assert failed.error is not None and "timed out after 0.3s" in failed.error.message
+
+
+async def test_unknown_action_fails_with_reason(
+    client: CampaignClient, svc: FakeService, worker: WorkerProcess
+) -> None:
+    await client.register_campaign(
+        campaign("unk", {"first": {"type": "action", "action": "sms", "next": "done"}})
+    )
+    st = await client.enroll("unk", "a")
+    failed = await wait_state(client, st.enrollment_id, State.FAILED)
+    assert failed.error is not None and failed.error.type == "UnknownAction"
+    assert "'sms'" in failed.error.message
+
+
+async def test_signal_racing_timeout_runs_exactly_one_branch(
+    client: CampaignClient, svc: FakeService, worker: WorkerProcess
+) -> None:
+    await client.register_campaign(campaign("race", {
+        "first": {"type": "wait", "event": "replied", "timeout": 0.3,
+                  "on_event": "by_event", "on_timeout": "by_timeout"},
+        "by_event": http("/outcome/event", svc),
+        "by_timeout": http("/outcome/timeout", svc),
+    }))  # fmt: skip
+    ids = [(await client.enroll("race", f"r{i}")).enrollment_id for i in range(20)]
+
+    async def race(eid: str) -> bool:
+        st = await client.status(eid)
+        assert st.deadline is not None
+        await asyncio.sleep(max(0.0, (st.deadline - datetime.now(UTC)).total_seconds()))
+        return await client.signal(eid, "replied")
+
+    won = await asyncio.gather(*(race(e) for e in ids))
+    for eid, signal_won in zip(ids, won, strict=True):
+        st = await wait_state(client, eid, State.COMPLETED)
+        paths = [c.path for c in svc.calls_for(eid)]
+        assert paths == (["/outcome/event"] if signal_won else ["/outcome/timeout"])
+        assert sum(("event replied" in r) or ("timeout of first" in r) for r in reasons(st)) == 1
+
+
+async def test_cancel_during_wait_removes_timeout(
+    client: CampaignClient, svc: FakeService, worker: WorkerProcess, settings: Settings
+) -> None:
+    await client.register_campaign(campaign("cw", {
+        "first": {"type": "wait", "event": "replied", "timeout": 0.5, "on_timeout": "nudge"},
+        "nudge": http("/ok", svc),
+    }))  # fmt: skip
+    victim = (await client.enroll("cw", "victim")).enrollment_id
+    sentinel = (await client.enroll("cw", "sentinel")).enrollment_id
+    st = await client.status(victim)
+    assert st.state == State.WAITING
+    job_id = timeout_job_id(victim, st.step)
+    assert await client.redis.zscore(settings.queue_name, job_id) is not None
+    assert await client.cancel(victim, "unsubscribed") is True
+    assert await client.redis.zscore(settings.queue_name, job_id) is None
+    assert await client.redis.exists(job_key_prefix + job_id) == 0
+    await wait_state(
+        client, sentinel, State.COMPLETED
+    )  # its timeout fired: so would have the victim's
+    assert svc.calls_for(victim) == []
+    final = await client.status(victim)
+    assert final.state == State.CANCELLED and await client.signal(victim, "replied") is False
+
+
+async def test_step_outside_business_hours_is_deferred_to_opening(
+    client: CampaignClient, svc: FakeService, worker: WorkerProcess
+) -> None:
+    now = datetime.now(UTC)
+    opening = (now + timedelta(hours=12)).replace(minute=0, second=0, microsecond=0)
+    window = f"{opening:%H:%M}-{(opening + timedelta(hours=1)):%H:%M}"
+    days = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+    await client.register_campaign(campaign("bh", {"first": http("/ok", svc)},
+                                            business_hours={"weekly": {d: [window] for d in days}}))  # fmt: skip
+    # Enrolled "yesterday at the opening": the step is due at once, but the window is shut now.
+    status = await client.service.enroll("bh", "a", now=opening - timedelta(days=1))
+    deferred = await eventually(
+        lambda: _deferred(client, status.enrollment_id), 15, what="deferral to the opening"
+    )
+    expected = opening if opening > now else opening + timedelta(days=1)
+    assert deferred.run_at == expected
+    assert deferred.state == State.SCHEDULED and svc.calls == []
+
+
+async def _deferred(client: CampaignClient, eid: str) -> Any:
+    st = await client.status(eid)
+    return st if any("outside business hours" in r for r in reasons(st)) else None
+
+
+async def test_retry_landing_outside_window_waits_for_opening(client: CampaignClient) -> None:
+    await client.register_campaign(campaign("bhr", {"first": {"type": "action", "action": "log", "next": "done"}},
+                                            business_hours={"weekly": {"mon": ["09:00-17:00"]}}))  # fmt: skip
+    monday_1650 = datetime(2026, 11, 30, 16, 50, tzinfo=UTC)
+    st = await client.service.enroll("bhr", "a", now=monday_1650)
+    code, _ = await client.service.store.claim(st.enrollment_id, st.step, 1, "first")
+    assert code == 1
+    target = JobTarget(st.enrollment_id, "bhr", 1, None)
+    result = await client.service.retry(target, node="first", step=st.step, attempt=1,
+                                        delay=timedelta(minutes=30), error={"type": "X", "message": "y"},
+                                        now=monday_1650)  # fmt: skip
+    assert result.ok
+    after = await client.status(st.enrollment_id)
+    assert after.run_at == datetime(2026, 12, 7, 9, 0, tzinfo=UTC) and after.attempt == 2
+
+
+async def test_poison_jobs_do_not_stop_the_worker(
+    client: CampaignClient, svc: FakeService, worker: WorkerProcess, settings: Settings
+) -> None:
+    await client.redis.set(job_key_prefix + "garbage", b"\x80\x04not json", px=60_000)
+    await client.redis.zadd(settings.queue_name, {"garbage": 1})
+    await client.redis.enqueue_job("no_such_function", _job_id="nsf")
+    await client.register_campaign(campaign("after", {"first": http("/ok", svc)}))
+    st = await client.enroll("after", "a")
+    await wait_state(client, st.enrollment_id, State.COMPLETED)
+    poison = await eventually(
+        lambda: _len_at_least(client, Keys(settings.key_prefix).poison, 2), what="2 poison"
+    )
+    assert poison >= 2
+    assert worker.proc is not None and worker.proc.poll() is None
+
+
+async def _len_at_least(client: CampaignClient, key: str, n: int) -> int:
+    length = int(await client.redis.llen(key))
+    return length if length >= n else 0
+
+
+async def test_killed_worker_step_reruns_with_same_key(
+    redis_server: EmbeddedRedis, client: CampaignClient, svc: FakeService
+) -> None:
+    # A short job timeout makes arq's in-progress mark (timeout + 10 s) expire quickly.
+    env = {"CAMPAIGN_JOB_TIMEOUT": "2"}
+    await client.register_campaign(
+        campaign("crash", {"first": http("/hang", svc, retry=fast_retry(3, 0.05))})
+    )
+    first = WorkerProcess(redis_server.url, **env).start()
+    try:
+        st = await client.enroll("crash", "a")
+        await asyncio.wait_for(svc.hung.wait(), 15)
+        first.kill()  # SIGKILL while the call is open
+    finally:
+        first.kill()
+    svc.release.set()  # the next call answers at once
+    started = time.monotonic()
+    second = WorkerProcess(redis_server.url, **env).start()
+    try:
+        done = await wait_state(client, st.enrollment_id, State.COMPLETED, timeout=30)
+    finally:
+        assert second.stop() == 0
+    calls = svc.calls_for(st.enrollment_id)
+    assert len(calls) == 2 and calls[0].key == calls[1].key == f"{st.enrollment_id}:1"
+    assert any("re-run after a worker stopped" in r for r in reasons(done))
+    assert [h.to_state for h in done.history].count("completed") == 1
+    assert time.monotonic() - started < 25
