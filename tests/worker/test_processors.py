@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -114,7 +115,7 @@ async def test_transient_failures_retry_with_one_key(
     done = await wait_state(client, st.enrollment_id, State.COMPLETED)
     calls = svc.calls_for(st.enrollment_id)
     assert len(calls) == 3 and {c.key for c in calls} == {f"{st.enrollment_id}:1"}
-    gaps = [b.at - a.at for a, b in zip(calls, calls[1:], strict=False)]
+    gaps = [b.at - a.at for a, b in itertools.pairwise(calls)]
     assert all(g >= 0.19 for g in gaps), gaps
     assert [c.body["attempt"] for c in calls] == [1, 2, 3]
     assert sum("retry in" in r for r in reasons(done)) == 2
