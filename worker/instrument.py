@@ -33,6 +33,8 @@ def instrument(function: Function) -> Function:
         start = time.time()
         lateness = max(0.0, start - ctx.get("score", start * 1000) / 1000)
         metrics.job_lateness.labels(function=name).observe(lateness)
+        if metrics.lateness_samples is not None and name != "ping":
+            metrics.lateness_samples.append(lateness)
         outcome = "error"
         with bind(job_id=ctx.get("job_id"), function=name, job_try=ctx.get("job_try")):
             log.info("job started", extra={"lateness_seconds": round(lateness, 4)})

@@ -80,6 +80,8 @@ class Metrics:
         self.redis_up = Gauge(
             "campaign_redis_up", "1 when the last Redis call succeeded, else 0", registry=registry
         )
+        #: When set (by the demo), every job's lateness in seconds is appended here too.
+        self.lateness_samples: list[float] | None = None
         self.start_time = Gauge(
             "campaign_worker_start_timestamp_seconds",
             "Unix time the worker started",
