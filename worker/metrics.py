@@ -80,6 +80,41 @@ class Metrics:
         self.redis_up = Gauge(
             "campaign_redis_up", "1 when the last Redis call succeeded, else 0", registry=registry
         )
+        # Queue-wide gauges, read from Redis at scrape time. Every worker exports the same
+        # values: aggregate them with max (never sum) across instances.
+        self.queue_jobs = Gauge(
+            "campaign_queue_jobs",
+            "Jobs in the arq queue by state (due: runnable now, deferred: later); queue-wide",
+            ["state"],
+            registry=registry,
+        )
+        self.enrollments = Gauge(
+            "campaign_enrollments",
+            "Enrollments by campaign and state, from the state index sets; queue-wide",
+            ["campaign", "state"],
+            registry=registry,
+        )
+        self.dead_letters = Gauge(
+            "campaign_dead_letter_jobs",
+            "Poison jobs kept in the dead-letter list; queue-wide",
+            registry=registry,
+        )
+        self.workers_alive = Gauge(
+            "campaign_workers_alive",
+            "Workers whose Redis heartbeat is under 30 s old; queue-wide",
+            registry=registry,
+        )
+        self.oldest_due_age = Gauge(
+            "campaign_queue_oldest_due_age_seconds",
+            "How long the oldest due job has been waiting to start (0 when none); queue-wide",
+            registry=registry,
+        )
+        self.redis_memory = Gauge(
+            "campaign_redis_memory_bytes",
+            "Redis memory from INFO: used and maxmemory (0 = no limit); queue-wide",
+            ["kind"],
+            registry=registry,
+        )
         #: When set (by the demo), every job's lateness in seconds is appended here too.
         self.lateness_samples: list[float] | None = None
         self.start_time = Gauge(

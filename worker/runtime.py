@@ -32,6 +32,7 @@ from worker.health import Health
 from worker.http_server import HealthServer, build_app
 from worker.instrument import instrument_all
 from worker.metrics import metrics
+from worker.queue_stats import QueueStats, workers_key
 
 __all__ = ["SupervisedWorker", "check_eviction_policy", "run_worker", "worker_options"]
 
@@ -40,23 +41,33 @@ log = logging.getLogger("worker.runtime")
 Hook = Callable[[dict[str, Any]], Awaitable[None]]
 
 POISON_KEEP = 1000
+HEARTBEAT_EVERY = 5.0
 
 
 class SupervisedWorker(Worker):
     """An arq ``Worker`` that survives Redis outages and records poison jobs."""
 
     def __init__(
-        self, *args: Any, health: Health, backoff_max: float, keys: Keys, **kwargs: Any
+        self,
+        *args: Any,
+        health: Health,
+        backoff_max: float,
+        keys: Keys,
+        worker_id: str,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.health = health
         self.backoff_max = backoff_max
         self.keys = keys
+        self.worker_id = worker_id
         self.stopping = asyncio.Event()
+        self._last_beat = 0.0
 
     async def _poll_iteration(self) -> None:
         try:
             await super()._poll_iteration()
+            await self._beat()
         except REDIS_DOWN_ERRORS as exc:
             await self._wait_out_outage(exc)
         else:
@@ -64,6 +75,17 @@ class SupervisedWorker(Worker):
             metrics.heartbeat.set(self.health.last_poll)
             metrics.redis_up.set(1)
             metrics.jobs_running.set(sum(not t.done() for t in self.tasks.values()))
+
+    async def _beat(self) -> None:
+        """Per-worker heartbeat in Redis (arq's own health key is shared by all workers)."""
+        now = time.time()
+        if now - self._last_beat < HEARTBEAT_EVERY:
+            return
+        self._last_beat = now
+        async with self.pool.pipeline(transaction=False) as pipe:
+            pipe.zadd(workers_key(self.keys), {self.worker_id: now})
+            pipe.zremrangebyscore(workers_key(self.keys), "-inf", now - 3600)
+            await pipe.execute()
 
     async def _wait_out_outage(self, exc: BaseException) -> None:
         self.health.redis_down(exc)
@@ -201,7 +223,6 @@ async def run_worker(
     install_signal_handlers: bool = True,
     stop: asyncio.Event | None = None,
     ready: Callable[[HealthServer], None] | None = None,
-    before_scrape_factory: Callable[[ArqRedis], Callable[[], Awaitable[None]]] | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT (or ``stop``); returns the process exit code."""
     loop = asyncio.get_running_loop()
@@ -215,9 +236,8 @@ async def run_worker(
     redis = create_redis(settings)
     keys = Keys(settings.key_prefix)
     worker_id = f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
-    before_scrape = before_scrape_factory(redis) if before_scrape_factory else None
     server = HealthServer(
-        build_app(health, metrics.registry, redis.ping, before_scrape),
+        build_app(health, metrics.registry, redis.ping, QueueStats(redis, settings).refresh),
         settings.http_host,
         settings.http_port,
     )
@@ -250,6 +270,7 @@ async def run_worker(
             health=health,
             backoff_max=settings.redis_backoff_max,
             keys=keys,
+            worker_id=worker_id,
             on_startup=on_startup,
             on_shutdown=on_shutdown,
             ctx={**(ctx or {}), "settings": settings, "worker_id": worker_id},
@@ -303,6 +324,8 @@ async def _drain(worker: SupervisedWorker, health: Health, grace: float) -> None
         _done, pending = await asyncio.wait(running, timeout=grace)
         if pending:
             log.warning("grace period over, cancelling jobs", extra={"cancelled": len(pending)})
+    with contextlib.suppress(*REDIS_DOWN_ERRORS):
+        await worker.pool.zrem(workers_key(worker.keys), worker.worker_id)
     await _close_worker(worker)
     log.info(
         "worker stopped",
