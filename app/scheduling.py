@@ -7,15 +7,17 @@ client both go through this service, so the rules live in one place.
 
 from __future__ import annotations
 
+import functools
 import traceback as tb
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
 from arq.connections import ArqRedis
+from opentelemetry import trace
 
 from app.campaigns import ActionNode, Campaign, DelayNode, ExitNode, WaitNode
 from app.durations import format_duration
@@ -30,7 +32,7 @@ from app.models import ACTIVE_STATES, EnrollmentStatus, State
 from app.registry import CampaignRegistry
 from app.settings import Settings
 from app.store import Applied, EnrollmentStore, Job, Transition
-from app.tracing import current_carrier
+from app.tracing import current_carrier, producer_span
 
 __all__ = [
     "STEP_FUNCTION",
@@ -68,6 +70,44 @@ def step_job_id(enrollment_id: str, step: int, attempt: int, run_at_ms: int | No
 def timeout_job_id(enrollment_id: str, step: int) -> str:
     """Deterministic id of a wait's timeout job."""
     return f"timeout:{enrollment_id}:{step}"
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _traced(
+    operation: str,
+) -> Callable[
+    [Callable[Concatenate[SchedulingService, P], Coroutine[Any, Any, R]]],
+    Callable[Concatenate[SchedulingService, P], Coroutine[Any, Any, R]],
+]:
+    """Run a service operation inside a PRODUCER span, so the jobs it enqueues carry it."""
+
+    def decorate(
+        fn: Callable[Concatenate[SchedulingService, P], Coroutine[Any, Any, R]],
+    ) -> Callable[Concatenate[SchedulingService, P], Coroutine[Any, Any, R]]:
+        @functools.wraps(fn)
+        async def wrapper(self: SchedulingService, /, *args: P.args, **kwargs: P.kwargs) -> R:
+            first = args[0] if args else None
+            attrs: dict[str, Any] = {}
+            if isinstance(first, JobTarget):
+                attrs = {
+                    "campaign.id": first.campaign_id,
+                    "campaign.enrollment_id": first.enrollment_id,
+                }
+            elif isinstance(first, str):
+                attrs = {
+                    "campaign.id"
+                    if operation.startswith("enroll")
+                    else "campaign.enrollment_id": first
+                }
+            with producer_span(operation, self.settings.queue_name, attrs):
+                return await fn(self, *args, **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 def _ms(t: datetime) -> int:
@@ -295,6 +335,14 @@ class SchedulingService:
         )
 
     async def _apply(self, enrollment_id: str, tr: Transition) -> Applied:
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attribute("campaign.enrollment_id", enrollment_id)
+            if tr.new_state:
+                span.set_attribute("campaign.to_state", tr.new_state)
+            if tr.add_job is not None:
+                span.set_attribute("messaging.message.id", tr.add_job.id)
+                span.set_attribute("campaign.node", str(tr.add_job.kwargs.get("node")))
         result = await self.store.apply(enrollment_id, tr)
         if result.ok and self.on_transition is not None:
             for entry in tr.history:
@@ -349,6 +397,7 @@ class SchedulingService:
         tr.unset.append("event")
         return tr
 
+    @_traced("enroll")
     async def enroll(
         self,
         campaign_id: str,
@@ -382,6 +431,7 @@ class SchedulingService:
         assert status is not None
         return status
 
+    @_traced("enroll_many")
     async def enroll_many(
         self,
         campaign_id: str,
@@ -437,6 +487,7 @@ class SchedulingService:
         """A stored campaign version (cached)."""
         return await self.registry.get(campaign_id, version)
 
+    @_traced("advance")
     async def advance(
         self,
         target: JobTarget,
@@ -457,6 +508,7 @@ class SchedulingService:
         tr.unset.append("error")
         return await self._apply(target.enrollment_id, tr)
 
+    @_traced("enter")
     async def enter(
         self, target: JobTarget, *, node: str | None, step: int, attempt: int,
         now: datetime | None = None,
@@ -469,6 +521,7 @@ class SchedulingService:
                              expect_step=step, expect_attempt=attempt, now=now)  # fmt: skip
         return await self._apply(target.enrollment_id, tr)
 
+    @_traced("retry")
     async def retry(
         self,
         target: JobTarget,
@@ -523,6 +576,7 @@ class SchedulingService:
                              now=now)  # fmt: skip
         return await self._apply(target.enrollment_id, tr)
 
+    @_traced("defer")
     async def defer(
         self, target: JobTarget, *, node: str, step: int, attempt: int, run_at: datetime,
         now: datetime | None = None,
@@ -537,6 +591,7 @@ class SchedulingService:
                              now=now)  # fmt: skip
         return await self._apply(target.enrollment_id, tr)
 
+    @_traced("timeout")
     async def fire_timeout(
         self, target: JobTarget, *, node: str, step: int, now: datetime | None = None
     ) -> Applied:
@@ -567,6 +622,7 @@ class SchedulingService:
         )
         return rec, campaign, target
 
+    @_traced("signal")
     async def signal(
         self, enrollment_id: str, event: str, payload: Mapping[str, Any] | None = None
     ) -> bool:
@@ -616,6 +672,7 @@ class SchedulingService:
                 return True
         return False
 
+    @_traced("replay")
     async def replay(self, enrollment_id: str) -> EnrollmentStatus:
         """failed -> scheduled at the node that failed, as a new step with fresh attempts."""
         rec, campaign, target = await self._load(enrollment_id)

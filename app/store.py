@@ -88,6 +88,7 @@ class EnrollmentStore:
         self.job_expiry_extra_ms = job_expiry_extra_ms
         self._transition = redis.register_script(_script("transition.lua"))
         self._claim = redis.register_script(_script("claim.lua"))
+        self._transition_loaded = False
 
     # -- writes -------------------------------------------------------------------------
 
@@ -145,10 +146,13 @@ class EnrollmentStore:
         """Run many independent transitions in one pipelined round trip."""
         now = now_ms()
         calls = [self._args(enrollment_id, tr, now) for enrollment_id, tr in items]
+        if not self._transition_loaded:  # once, rather than a batch of NOSCRIPT errors
+            await self.redis.script_load(self._transition.script)
+            self._transition_loaded = True
         try:
             raw = await self._evalsha_pipeline(calls)
         except NoScriptError:
-            # Script cache empty (new or restarted server): a NOSCRIPT call ran nothing.
+            # Script cache emptied since (restarted server): a NOSCRIPT call ran nothing.
             await self.redis.script_load(self._transition.script)
             raw = await self._evalsha_pipeline(calls)
         return [self._result(r) for r in raw]

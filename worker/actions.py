@@ -19,11 +19,15 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import orjson
+from opentelemetry import propagate
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from app.settings import ConfigError
+from app.tracing import tracer
 
 __all__ = [
     "ActionContext",
@@ -144,6 +148,15 @@ def action(name: str) -> Callable[[Handler], Handler]:
     return decorate
 
 
+def _without_query(url: str) -> str:
+    """The URL without query or credentials: either may carry secrets."""
+    parts = urlsplit(url)
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
 def _retry_after(value: str | None) -> float | None:
     """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
     if not value:
@@ -187,17 +200,34 @@ async def http_action(ctx: ActionContext) -> str | None:
     if ctx.secret:
         digest = hmac.new(ctx.secret, body, hashlib.sha256).hexdigest()
         headers[SIGNATURE_HEADER] = f"sha256={digest}"
-    try:
-        async with ctx.http.post(
-            url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=ctx.timeout)
-        ) as resp:
-            text = await resp.text()
-            status = resp.status
-            retry_after = _retry_after(resp.headers.get("Retry-After"))
-    except TimeoutError:
-        raise TransientError(f"POST {url} timed out after {ctx.timeout:g}s") from None
-    except aiohttp.ClientError as exc:
-        raise TransientError(f"POST {url} failed: {type(exc).__name__}: {exc}") from None
+    parts = urlsplit(url)
+    with tracer.start_as_current_span(
+        "POST", kind=SpanKind.CLIENT,
+        attributes={"http.request.method": "POST", "url.full": _without_query(url),
+                    "server.address": parts.hostname or "",
+                    "server.port": parts.port or (443 if parts.scheme == "https" else 80)},
+        record_exception=False, set_status_on_exception=False,
+    ) as span:  # fmt: skip
+        propagate.inject(headers)  # the downstream service can continue the trace
+        try:
+            async with ctx.http.post(
+                url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=ctx.timeout)
+            ) as resp:
+                text = await resp.text()
+                status = resp.status
+                retry_after = _retry_after(resp.headers.get("Retry-After"))
+        except TimeoutError:
+            span.set_attribute("error.type", "timeout")
+            span.set_status(Status(StatusCode.ERROR, "timeout"))
+            raise TransientError(f"POST {url} timed out after {ctx.timeout:g}s") from None
+        except aiohttp.ClientError as exc:
+            span.set_attribute("error.type", type(exc).__name__)
+            span.set_status(Status(StatusCode.ERROR, str(exc)[:200]))
+            raise TransientError(f"POST {url} failed: {type(exc).__name__}: {exc}") from None
+        span.set_attribute("http.response.status_code", status)
+        if status >= 400:
+            span.set_attribute("error.type", str(status))
+            span.set_status(Status(StatusCode.ERROR, f"HTTP {status}"))
     if 200 <= status < 300:
         if text:
             try:

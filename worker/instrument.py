@@ -14,10 +14,14 @@ from arq.worker import Function, func
 
 from worker.logs import bind
 from worker.metrics import metrics
+from worker.telemetry import consumer_span, mark_error
 
 __all__ = ["OUTCOMES", "instrument", "instrument_all"]
 
 log = logging.getLogger("worker.jobs")
+
+#: Jobs whose span links to its producer instead of continuing its trace (see consumer_span).
+LINK_ONLY = frozenset({"fire_timeout"})
 
 #: Outcomes a job function may return to label its metrics; anything else counts as success.
 OUTCOMES = frozenset({"success", "retry", "failed", "stale", "rescheduled"})
@@ -36,11 +40,22 @@ def instrument(function: Function) -> Function:
         if metrics.lateness_samples is not None and name != "ping":
             metrics.lateness_samples.append(lateness)
         outcome = "error"
-        with bind(job_id=ctx.get("job_id"), function=name, job_try=ctx.get("job_try")):
+        settings = ctx.get("settings")
+        queue = settings.queue_name if settings is not None else "arq:queue"
+        carrier = kwargs.get("otel")
+        with bind(job_id=ctx.get("job_id"), function=name, job_try=ctx.get("job_try")), consumer_span(
+            name, queue, ctx.get("job_id"), ctx.get("job_try"), lateness,
+            carrier if isinstance(carrier, dict) else None, link_only=name in LINK_ONLY,
+        ) as span:  # fmt: skip
             log.info("job started", extra={"lateness_seconds": round(lateness, 4)})
             try:
                 result = await inner(ctx, *args, **kwargs)
                 outcome = result if isinstance(result, str) and result in OUTCOMES else "success"
+                span.set_attribute("campaign.job.outcome", outcome)
+                if outcome == "stale":
+                    span.set_attribute("campaign.job.stale", True)
+                elif outcome == "failed":
+                    mark_error(span, description="enrollment failed")
                 return result
             except Retry:
                 outcome = "retry"

@@ -15,6 +15,7 @@ from worker.diagnostics import ping
 from worker.metrics import metrics
 from worker.processors import fire_timeout, run_step
 from worker.runtime import run_worker
+from worker.telemetry import setup_tracing, shutdown_tracing
 
 __all__ = ["functions", "make_hooks", "run"]
 
@@ -64,6 +65,10 @@ async def run(settings: Settings) -> int:
     """Run the worker until SIGTERM; returns the exit code."""
     actions = default_registry(settings.actions)
     on_startup, on_shutdown = make_hooks(settings, actions)
-    return await run_worker(
-        settings, functions(settings), on_startup=on_startup, on_shutdown=on_shutdown
-    )
+    setup_tracing()
+    try:
+        return await run_worker(
+            settings, functions(settings), on_startup=on_startup, on_shutdown=on_shutdown
+        )
+    finally:
+        shutdown_tracing()

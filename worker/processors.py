@@ -22,10 +22,12 @@ from app.errors import CampaignNotFound
 from app.models import State
 from app.scheduling import JobTarget, SchedulingService, error_info
 from app.settings import Settings
+from app.tracing import tracer
 from worker.actions import ActionContext, ActionRegistry, PermanentError, TransientError
 from worker.logs import bind
 from worker.metrics import metrics
 from worker.retries import backoff_delay
+from worker.telemetry import mark_error
 
 __all__ = ["fire_timeout", "run_step"]
 
@@ -39,6 +41,20 @@ _BOOKKEEPING_RETRY_SECONDS = 5
 def _trace_id() -> str | None:
     ctx = trace.get_current_span().get_span_context()
     return f"{ctx.trace_id:032x}" if ctx.is_valid else None
+
+
+def _annotate(target: JobTarget, node: str | None, step: int, attempt: int | None) -> None:
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attributes({
+            "campaign.id": target.campaign_id,
+            "campaign.version": target.version,
+            "campaign.enrollment_id": target.enrollment_id,
+            "campaign.node": node or "",
+            "campaign.step": int(step),
+        })  # fmt: skip
+        if attempt is not None:
+            span.set_attribute("campaign.attempt", int(attempt))
 
 
 def _call_timeout(node: ActionNode, settings: Settings) -> float:
@@ -62,6 +78,7 @@ async def run_step(
 ) -> str:
     """Execute one step job; returns the outcome label for metrics."""
     target = JobTarget(enrollment_id, campaign, int(version), tz)
+    _annotate(target, node, step, attempt)
     with bind(
         enrollment_id=enrollment_id, campaign_id=campaign, node=node, step=step, attempt=attempt
     ):
@@ -107,6 +124,7 @@ async def _run_step(
         log.info("stale step job", extra={"current": record})
         return "stale"
     attempt = int(record["attempt"])
+    trace.get_current_span().set_attribute("campaign.attempt", attempt)
     with bind(attempt=attempt):
         if code == 2:
             log.warning("step re-run after a worker stopped mid-step")
@@ -168,10 +186,23 @@ async def _call_action(
     started = time.perf_counter()
     outcome_label = "success"
     try:
-        try:
-            outcome = await asyncio.wait_for(handler(action_ctx), timeout)
-        except TimeoutError:
-            raise TransientError(f"action {node.action!r} timed out after {timeout:g}s") from None
+        with tracer.start_as_current_span(
+            f"action {node.action}",
+            attributes={"campaign.action": node.action, "campaign.idempotency_key": action_ctx.idempotency_key},
+            record_exception=False, set_status_on_exception=False,
+        ) as span:  # fmt: skip
+            try:
+                try:
+                    outcome = await asyncio.wait_for(handler(action_ctx), timeout)
+                except TimeoutError:
+                    raise TransientError(
+                        f"action {node.action!r} timed out after {timeout:g}s"
+                    ) from None
+            except Exception as exc:
+                mark_error(span, exc)
+                raise
+            if outcome is not None:
+                span.set_attribute("campaign.action.outcome", str(outcome))
     except PermanentError as exc:
         outcome_label = "permanent"
         log.warning("action failed permanently", extra={"error": str(exc)})
@@ -230,6 +261,7 @@ async def fire_timeout(
     """A wait's deadline: follow ``on_timeout`` if the enrollment still waits at ``step``."""
     service: SchedulingService = ctx["service"]
     target = JobTarget(enrollment_id, campaign, int(version), tz)
+    _annotate(target, node, step, None)
     with bind(enrollment_id=enrollment_id, campaign_id=campaign, node=node, step=step):
         try:
             result = await service.fire_timeout(target, node=node, step=int(step))

@@ -1,0 +1,133 @@
+"""OpenTelemetry set-up from the standard ``OTEL_*`` variables, and the consumer span.
+
+Tracing is on when an OTLP endpoint is configured (``OTEL_EXPORTER_OTLP_ENDPOINT`` or
+``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) or ``OTEL_TRACES_EXPORTER`` names an exporter, and
+``OTEL_SDK_DISABLED`` is not true. Spans go over OTLP/HTTP protobuf (port 4318, what Jaeger
+accepts). When off, the API's no-op tracer makes every span call nearly free.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
+
+from app.tracing import MESSAGING_SYSTEM, tracer
+
+__all__ = ["consumer_span", "mark_error", "setup_tracing", "shutdown_tracing"]
+
+log = logging.getLogger("worker.telemetry")
+
+_provider: Any = None
+
+
+def tracing_requested(env: Mapping[str, str] = os.environ) -> bool:
+    """Whether the environment asks for traces to be exported."""
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    exporter = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if exporter == "none":
+        return False
+    return bool(
+        exporter
+        or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+
+
+def setup_tracing(default_service_name: str = "campaign-worker") -> bool:
+    """Install an SDK tracer provider if the environment asks for one; returns whether it did."""
+    global _provider
+    if _provider is not None or not tracing_requested():
+        return _provider is not None
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+    protocol = os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+    if protocol != "http/protobuf":
+        log.warning(
+            "OTEL_EXPORTER_OTLP_PROTOCOL=%s is not supported; using http/protobuf", protocol
+        )
+    attrs = {} if os.environ.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: default_service_name}
+    provider = TracerProvider(resource=Resource.create(attrs))  # sampler from OTEL_TRACES_SAMPLER
+    if os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "console":
+        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+    else:
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    _provider = provider
+    log.info(
+        "tracing on",
+        extra={
+            "exporter": "otlp-http",
+            "service_name": provider.resource.attributes.get(SERVICE_NAME),
+        },
+    )
+    return True
+
+
+def shutdown_tracing() -> None:
+    """Flush and stop the exporter (spans still buffered are sent)."""
+    global _provider
+    if _provider is not None:
+        _provider.shutdown()
+        _provider = None
+
+
+@contextmanager
+def consumer_span(
+    function: str,
+    queue: str,
+    job_id: str | None,
+    job_try: int | None,
+    lateness: float,
+    carrier: Mapping[str, str] | None,
+    *,
+    link_only: bool,
+) -> Iterator[Span]:
+    """The CONSUMER span ``process <function>`` continuing the job's producer context.
+
+    ``link_only`` starts a new trace linked to the producer instead of a child: used for
+    wait timeouts, which fire hours or days after the span that scheduled them ended, and
+    would otherwise stretch one trace over days with a long hole in it.
+    """
+    parent = propagate.extract(dict(carrier)) if carrier else None
+    links: list[Link] = []
+    if link_only and parent is not None:
+        producer = trace.get_current_span(parent).get_span_context()
+        if producer.is_valid:
+            links.append(Link(producer, {"campaign.link": "wait started"}))
+        parent = otel_context.Context()
+    attributes: dict[str, Any] = {
+        "messaging.system": MESSAGING_SYSTEM,
+        "messaging.operation.type": "process",
+        "messaging.operation.name": "process",
+        "messaging.destination.name": queue,
+        "campaign.job.lateness_seconds": round(lateness, 6),
+    }
+    if job_id:
+        attributes["messaging.message.id"] = job_id
+    if job_try is not None:
+        attributes["messaging.arq.job_try"] = job_try
+    with tracer.start_as_current_span(
+        f"process {function}", context=parent, kind=SpanKind.CONSUMER, links=links,
+        attributes=attributes, record_exception=True, set_status_on_exception=True,
+    ) as span:  # fmt: skip
+        yield span
+
+
+def mark_error(span: Span, exc: BaseException | None = None, description: str = "") -> None:
+    """Error status on a span, with the exception recorded and ``error.type`` set."""
+    if exc is not None:
+        span.record_exception(exc)
+        span.set_attribute("error.type", type(exc).__name__)
+        description = description or f"{type(exc).__name__}: {exc}"
+    span.set_status(Status(StatusCode.ERROR, description[:500]))
