@@ -1,19 +1,38 @@
-"""Admin commands of the CLI (they talk to Redis, never to a worker directly)."""
+"""Admin commands of the CLI. They talk to Redis through the public client, never to a
+worker directly, so they work from any machine that can reach Redis."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import time
 import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
 
 import orjson
 
-from app.connection import REDIS_DOWN_ERRORS, create_redis
+from app.client import CampaignClient
+from app.connection import create_redis
+from app.errors import InvalidRequest
 from app.keys import Keys
+from app.models import EnrollmentStatus, State
 from app.settings import Settings
 
-__all__ = ["ping_workers"]
+__all__ = [
+    "dead_letters",
+    "enroll",
+    "enroll_file",
+    "failure_groups",
+    "failures",
+    "ping_workers",
+    "register",
+    "replay",
+    "show_status",
+]
 
 
 async def ping_workers(settings: Settings, wait_seconds: float) -> int:
@@ -34,8 +53,179 @@ async def ping_workers(settings: Settings, wait_seconds: float) -> int:
         await redis.zrem(settings.queue_name, f"ping:{token}")
         print(f"no worker answered within {wait_seconds:g}s", file=sys.stderr)
         return 1
-    except REDIS_DOWN_ERRORS as exc:
-        print(f"redis unreachable at {settings.redacted_redis_url()}: {exc}", file=sys.stderr)
-        return 1
     finally:
         await redis.aclose()
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InvalidRequest(f"{path}: no such file") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"{path}: not valid JSON: {exc}") from None
+
+
+async def register(client: CampaignClient, path: Path, out: TextIO) -> int:
+    definition = _read_json(path)
+    version = await client.register_campaign(definition)
+    print(f"registered campaign {definition.get('id')!r} version {version}", file=out)
+    return 0
+
+
+async def enroll(
+    client: CampaignClient, campaign: str, contact: str, attributes: dict[str, Any],
+    timezone: str | None, out: TextIO,
+) -> int:  # fmt: skip
+    status = await client.enroll(campaign, contact, attributes, timezone)
+    print(_status_line(status), file=out)
+    return 0
+
+
+def _contacts(path: Path) -> Iterator[dict[str, Any]]:
+    """Contacts from a JSON-lines file, one object per line; errors name the line."""
+    try:
+        handle = path.open()
+    except FileNotFoundError:
+        raise InvalidRequest(f"{path}: no such file") from None
+    with handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InvalidRequest(f"{path}:{number}: not valid JSON: {exc}") from None
+            if not isinstance(doc, dict):
+                raise InvalidRequest(f"{path}:{number}: expected an object with a contact_id")
+            yield doc
+
+
+async def enroll_file(
+    client: CampaignClient, campaign: str, path: Path, batch: int, out: TextIO
+) -> int:
+    """Enroll every contact of a JSON-lines file, printing progress per batch."""
+    total = enrolled = 0
+    chunk: list[dict[str, Any]] = []
+    started = time.monotonic()
+
+    async def flush() -> None:
+        nonlocal enrolled, total
+        enrolled += await client.enroll_many(campaign, chunk, batch_size=batch)
+        total += len(chunk)
+        rate = total / max(time.monotonic() - started, 1e-9)
+        print(f"  {total} read, {enrolled} enrolled ({rate:,.0f} contacts/s)", file=out, flush=True)
+        chunk.clear()
+
+    for contact in _contacts(path):
+        chunk.append(contact)
+        if len(chunk) >= batch:
+            await flush()
+    if chunk:
+        await flush()
+    skipped = total - enrolled
+    print(f"enrolled {enrolled} of {total} contacts ({skipped} already enrolled)", file=out)
+    return 0
+
+
+def _status_line(st: EnrollmentStatus) -> str:
+    when = st.run_at or st.deadline
+    extra = f" at {when.isoformat()}" if when else ""
+    return f"{st.enrollment_id}: {st.state.value} node={st.node} step={st.step} attempt={st.attempt}{extra}"
+
+
+async def show_status(
+    client: CampaignClient, enrollment_id: str, as_json: bool, out: TextIO
+) -> int:
+    st = await client.status(enrollment_id)
+    if as_json:
+        print(st.model_dump_json(indent=2), file=out)
+        return 0
+    print(_status_line(st), file=out)
+    if st.error is not None:
+        print(f"  error: {st.error.type}: {st.error.message}", file=out)
+        if st.error.trace_id:
+            print(f"  trace id: {st.error.trace_id}", file=out)
+    print("  history:", file=out)
+    for h in st.history:
+        print(f"    {h.at:%Y-%m-%d %H:%M:%S} {h.from_state or '-':>9} -> {h.to_state:<9} "
+              f"{h.node or '-'} (step {h.step}) {h.reason}", file=out)  # fmt: skip
+    return 0
+
+
+async def failure_groups(
+    client: CampaignClient, campaign: str | None, scan_limit: int = 10_000
+) -> dict[tuple[str, str, str], list[tuple[str, dict[str, Any]]]]:
+    """Failed enrollments grouped by (campaign, node, error type), newest first."""
+    service = client.service
+    campaigns = [campaign] if campaign else await service.registry.ids()
+    groups: dict[tuple[str, str, str], list[tuple[str, dict[str, Any]]]] = defaultdict(list)
+    for cid in campaigns:
+        ids = await service.store.list_ids(cid, State.FAILED.value, limit=scan_limit)
+        rows = await service.store.records(ids, "node", "error")
+        for eid, (node, error) in zip(ids, rows, strict=True):
+            err = orjson.loads(error) if error else {}
+            groups[(cid, node or "-", str(err.get("type", "?")))].append((eid, err))
+    for members in groups.values():
+        members.sort(key=lambda m: m[1].get("at") or 0, reverse=True)
+    return dict(groups)
+
+
+async def failures(client: CampaignClient, campaign: str | None, limit: int, out: TextIO) -> int:
+    """Recent failures grouped by campaign, node and error type, with counts."""
+    groups = await failure_groups(client, campaign)
+    if not groups:
+        print("no failed enrollments", file=out)
+        return 0
+    ordered = sorted(groups.items(), key=lambda kv: -len(kv[1]))[:limit]
+    print(f"{'count':>6}  {'group (campaign:node:error)':<48} latest error", file=out)
+    for (cid, node, etype), members in ordered:
+        latest = members[0][1]
+        message = str(latest.get("message", ""))[:80].replace("\n", " ")
+        print(f"{len(members):>6}  {f'{cid}:{node}:{etype}':<48} {message}", file=out)
+        if latest.get("trace_id"):
+            print(f"{'':>6}  {'':<48} e.g. {members[0][0]} trace {latest['trace_id']}", file=out)
+    print("replay a group with: campaign-worker replay --group CAMPAIGN:NODE:ERROR", file=out)
+    return 0
+
+
+async def replay(
+    client: CampaignClient, enrollment_id: str | None, group: str | None, out: TextIO
+) -> int:
+    """Replay one failed enrollment, or every one in a failure group."""
+    if enrollment_id:
+        st = await client.replay(enrollment_id)
+        print(f"replayed {_status_line(st)}", file=out)
+        return 0
+    assert group is not None
+    parts = group.split(":")
+    if len(parts) != 3:
+        raise InvalidRequest(f"--group must be CAMPAIGN:NODE:ERROR (got {group!r})")
+    groups = await failure_groups(client, parts[0])
+    members = groups.get((parts[0], parts[1], parts[2]), [])
+    done = 0
+    for eid, _ in members:
+        try:
+            await client.replay(eid)
+            done += 1
+        except InvalidRequest:
+            pass  # it changed meanwhile (replayed by someone else): nothing to do
+    print(f"replayed {done} of {len(members)} failed enrollments in {group}", file=out)
+    return 0
+
+
+async def dead_letters(client: CampaignClient, limit: int, out: TextIO) -> int:
+    """The poison jobs kept in the dead-letter list, newest first."""
+    keys = Keys(client.settings.key_prefix)
+    raw = await client.redis.lrange(keys.poison, 0, limit - 1)  # type: ignore[misc]
+    total = await client.redis.llen(keys.poison)  # type: ignore[misc]
+    if not raw:
+        print("no dead letters", file=out)
+        return 0
+    for item in raw:
+        doc = orjson.loads(item)
+        at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(doc.get("at", 0)))
+        payload = (doc.get("payload") or "")[:100]
+        print(f"{at}  {doc.get('job_id')}  {doc.get('reason')}  payload={payload!r}", file=out)
+    print(f"{len(raw)} of {total} shown", file=out)
+    return 0

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+from app.errors import CampaignError
 from app.settings import ConfigError, Settings
 
 __all__ = ["main"]
 
 EXIT_CONFIG = 2
+EXIT_ERROR = 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,9 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("run", help="run the worker and its HTTP server until SIGTERM")
+
     demo = sub.add_parser(
-        "demo",
-        help="run the whole system on this machine: embedded Redis, a worker, a demo campaign",
+        "demo", help="the whole system on this machine: embedded Redis, a worker, a demo campaign"
     )
     demo.add_argument("--contacts", type=int, default=300, help="contacts to enroll (default 300)")
     demo.add_argument("--reply-rate", type=float, default=0.35, help="share that replies (0.35)")
@@ -34,9 +38,132 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--campaign", type=Path, default=None, help="campaign JSON (examples/demo.json)"
     )
+
     ping = sub.add_parser("ping", help="enqueue a ping job and wait for a worker to answer it")
     ping.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
+
+    reg = sub.add_parser("register", help="register a campaign JSON file (a new version)")
+    reg.add_argument("file", type=Path)
+
+    enr = sub.add_parser("enroll", help="enroll one contact")
+    enr.add_argument("campaign")
+    enr.add_argument("contact")
+    enr.add_argument("--attributes", default="{}", help="JSON object of attributes")
+    enr.add_argument("--timezone", default=None, help="IANA zone of the contact")
+
+    enf = sub.add_parser("enroll-file", help="enroll the contacts of a JSON-lines file")
+    enf.add_argument("campaign")
+    enf.add_argument(
+        "file", type=Path, help='one {"contact_id": ..., "attributes": {...}} per line'
+    )
+    enf.add_argument("--batch", type=int, default=1000, help="contacts per round trip (1000)")
+
+    sig = sub.add_parser("signal", help="deliver an event to an enrollment")
+    sig.add_argument("enrollment")
+    sig.add_argument("event")
+    sig.add_argument("--payload", default="{}", help="JSON object")
+
+    st = sub.add_parser("status", help="show an enrollment and its history")
+    st.add_argument("enrollment")
+    st.add_argument("--json", action="store_true", help="print JSON")
+
+    can = sub.add_parser("cancel", help="cancel an enrollment")
+    can.add_argument("enrollment")
+    can.add_argument("--reason", default="", help="recorded in the history")
+
+    rep = sub.add_parser("replay", help="replay a failed enrollment, or a whole failure group")
+    target = rep.add_mutually_exclusive_group(required=True)
+    target.add_argument("enrollment", nargs="?", help="enrollment id")
+    target.add_argument("--group", help="CAMPAIGN:NODE:ERROR, as listed by 'failures'")
+
+    fail = sub.add_parser("failures", help="failed enrollments grouped by campaign, node and error")
+    fail.add_argument("--campaign", default=None)
+    fail.add_argument("--limit", type=int, default=50, help="groups to show (50)")
+
+    dl = sub.add_parser("dead-letters", help="poison jobs dropped from the queue")
+    dl.add_argument("--limit", type=int, default=20)
     return parser
+
+
+def _json_object(text: str, name: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CampaignError(f"{name}: not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise CampaignError(f"{name}: must be a JSON object")
+    return value
+
+
+async def _with_client(settings: Settings, fn: Callable[[Any], Awaitable[int]]) -> int:
+    from app.client import CampaignClient
+    from app.connection import REDIS_DOWN_ERRORS
+
+    client = CampaignClient(settings=settings)
+    try:
+        return await fn(client)
+    except REDIS_DOWN_ERRORS as exc:
+        print(
+            f"campaign-worker: redis unreachable at {settings.redacted_redis_url()}: {exc}",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+    finally:
+        await client.close()
+
+
+def _admin(args: argparse.Namespace, settings: Settings) -> int:
+    from worker import admin
+
+    out = sys.stdout
+    cmd = args.command
+    if cmd == "ping":
+        return asyncio.run(admin.ping_workers(settings, args.timeout))
+    if cmd == "register":
+        return asyncio.run(_with_client(settings, lambda c: admin.register(c, args.file, out)))
+    if cmd == "enroll":
+        attrs = _json_object(args.attributes, "--attributes")
+        return asyncio.run(_with_client(
+            settings, lambda c: admin.enroll(c, args.campaign, args.contact, attrs, args.timezone, out)))  # fmt: skip
+    if cmd == "enroll-file":
+        return asyncio.run(_with_client(
+            settings, lambda c: admin.enroll_file(c, args.campaign, args.file, args.batch, out)))  # fmt: skip
+    if cmd == "signal":
+        payload = _json_object(args.payload, "--payload")
+
+        async def signal(c: Any) -> int:
+            ok = await c.signal(args.enrollment, args.event, payload)
+            print(
+                "delivered"
+                if ok
+                else f"not delivered: {args.enrollment} is not waiting for {args.event!r}"
+            )
+            return 0 if ok else EXIT_ERROR
+
+        return asyncio.run(_with_client(settings, signal))
+    if cmd == "status":
+        return asyncio.run(
+            _with_client(settings, lambda c: admin.show_status(c, args.enrollment, args.json, out))
+        )
+    if cmd == "cancel":
+
+        async def cancel(c: Any) -> int:
+            ok = await c.cancel(args.enrollment, args.reason)
+            print("cancelled" if ok else f"not cancelled: {args.enrollment} had already ended")
+            return 0 if ok else EXIT_ERROR
+
+        return asyncio.run(_with_client(settings, cancel))
+    if cmd == "replay":
+        return asyncio.run(
+            _with_client(settings, lambda c: admin.replay(c, args.enrollment, args.group, out))
+        )
+    if cmd == "failures":
+        return asyncio.run(
+            _with_client(settings, lambda c: admin.failures(c, args.campaign, args.limit, out))
+        )
+    if cmd == "dead-letters":
+        return asyncio.run(_with_client(settings, lambda c: admin.dead_letters(c, args.limit, out)))
+    raise AssertionError(cmd)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,20 +185,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from worker.demo import run_demo
 
-            if settings.log_level == "INFO" and "CAMPAIGN_LOG_LEVEL" not in os.environ:
+            if "CAMPAIGN_LOG_LEVEL" not in os.environ:
                 configure_logging("WARNING", settings.log_format)  # keep the progress readable
             return asyncio.run(run_demo(settings, contacts=args.contacts, reply_rate=args.reply_rate,
                                         seed=args.seed, campaign_path=args.campaign))  # fmt: skip
-        if args.command == "ping":
-            from worker.admin import ping_workers
-
-            return asyncio.run(ping_workers(settings, args.timeout))
+        return _admin(args, settings)
     except ConfigError as exc:
         print(f"campaign-worker: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except CampaignError as exc:
+        print(f"campaign-worker: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
-    return 0
 
 
 if __name__ == "__main__":
