@@ -105,7 +105,7 @@ class EmbeddedRedis:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock,
             ):
                 sock.sendall(b"PING\r\n")
-                if sock.recv(64).startswith(b"+PONG"):
+                if sock.recv(64).startswith((b"+PONG", b"-NOAUTH")):  # up, maybe with a password
                     return
             time.sleep(0.02)
         self.stop()
