@@ -586,9 +586,11 @@ class SchedulingService:
         job = self._step_job(target, node, step, attempt, run_at, now, deferred=True)
         plan = Plan(State.SCHEDULED, node, step, "outside business hours: deferred to the next opening",
                     run_at=run_at, job=job)  # fmt: skip
-        tr = self.transition(plan, from_state=State.SCHEDULED, expect_states=(State.SCHEDULED,),
-                             expect_step=step, expect_attempt=attempt, attempt=attempt,
-                             now=now)  # fmt: skip
+        # 'running' at this step means a worker died mid-step and arq re-ran the job
+        # (no other job of this step can be running): it waits for the opening too.
+        tr = self.transition(plan, from_state=State.SCHEDULED,
+                             expect_states=(State.SCHEDULED, State.RUNNING), expect_step=step,
+                             attempt=attempt, now=now)  # fmt: skip
         return await self._apply(target.enrollment_id, tr)
 
     @_traced("timeout")

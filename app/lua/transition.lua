@@ -77,6 +77,12 @@ if state ~= new_state or campaign ~= new_campaign then
 end
 
 if op.history and #op.history > 0 then
+  -- The previous state is what was in Redis, whatever the caller assumed.
+  for i, raw in ipairs(op.history) do
+    local entry = cjson.decode(raw)
+    entry['from'] = state or cjson.null
+    op.history[i] = cjson.encode(entry)
+  end
   redis.call('RPUSH', hist, unpack(op.history))
   redis.call('LTRIM', hist, -op.history_limit, -1)
 end
