@@ -1,5 +1,7 @@
 """Campaign scheduler: the library the API imports (no worker-only code here)."""
 
+from importlib.metadata import PackageNotFoundError, version
+
 from app.client import CampaignClient
 from app.errors import (
     AlreadyEnrolled,
@@ -10,6 +12,11 @@ from app.errors import (
     InvalidRequest,
 )
 from app.models import EnrollmentStatus, State
+
+try:
+    __version__ = version("campaign-scheduler")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "AlreadyEnrolled",

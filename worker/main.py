@@ -68,7 +68,8 @@ async def run(settings: Settings) -> int:
     setup_tracing()
     try:
         return await run_worker(
-            settings, functions(settings), on_startup=on_startup, on_shutdown=on_shutdown
-        )
+            settings, functions(settings), on_startup=on_startup, on_shutdown=on_shutdown,
+            ctx={"action_names": actions.names()},
+        )  # fmt: skip
     finally:
         shutdown_tracing()

@@ -26,7 +26,7 @@ class Metrics:
         self.jobs = Counter(
             "campaign_jobs_total",
             "Jobs finished, by function and outcome "
-            "(success, retry, failed, stale, rescheduled, error)",
+            "(success, retry, failed, stale, rescheduled, error, cancelled)",
             ["function", "outcome"],
             registry=registry,
         )
@@ -84,7 +84,8 @@ class Metrics:
         # values: aggregate them with max (never sum) across instances.
         self.queue_jobs = Gauge(
             "campaign_queue_jobs",
-            "Jobs in the arq queue by state (due: runnable now, deferred: later); queue-wide",
+            "Jobs by state: due (runnable now, not yet started), deferred (due later), "
+            "in_progress (steps being executed); queue-wide",
             ["state"],
             registry=registry,
         )
@@ -115,6 +116,10 @@ class Metrics:
             ["kind"],
             registry=registry,
         )
+        self.info = Gauge(
+            "campaign_worker_info", "Always 1; labels carry the version", ["version"],
+            registry=registry,
+        )  # fmt: skip
         #: When set (by the demo), every job's lateness in seconds is appended here too.
         self.lateness_samples: list[float] | None = None
         self.start_time = Gauge(
@@ -122,6 +127,29 @@ class Metrics:
             "Unix time the worker started",
             registry=registry,
         )
+
+
+POISON_REASONS = ("undecodable", "unknown_function", "expired", "too_many_tries", "other")
+JOB_OUTCOMES = ("success", "retry", "failed", "stale", "rescheduled", "error", "cancelled")
+ACTION_OUTCOMES = ("success", "transient", "permanent")
+
+
+def prime(m: Metrics, functions: list[str], actions: list[str], states: list[str]) -> None:
+    """Create every known label combination at 0, so that ``rate()`` and ``increase()``
+    see the first event after a worker starts (a counter that appears at 1 has no increase)."""
+    for fn in functions:
+        for outcome in JOB_OUTCOMES:
+            m.jobs.labels(function=fn, outcome=outcome)
+        m.job_duration.labels(function=fn)
+        m.job_lateness.labels(function=fn)
+    for reason in POISON_REASONS:
+        m.poison_jobs.labels(reason=reason)
+    for action in actions:
+        for outcome in ACTION_OUTCOMES:
+            m.action_calls.labels(action=action, outcome=outcome)
+        m.action_duration.labels(action=action)
+    for state in states:
+        m.transitions.labels(to_state=state)
 
 
 metrics = Metrics(REGISTRY)

@@ -10,6 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from arq.connections import ArqRedis
+from arq.constants import in_progress_key_prefix
 
 from app.keys import Keys
 from app.models import State
@@ -19,6 +20,7 @@ from worker.metrics import Metrics, metrics
 __all__ = ["HEARTBEAT_STALE_SECONDS", "QueueStats", "workers_key"]
 
 HEARTBEAT_STALE_SECONDS = 30.0
+_OLDEST_PROBE = 50  # due jobs inspected to find the oldest one not yet running
 
 
 def workers_key(keys: Keys) -> str:
@@ -52,7 +54,7 @@ class QueueStats:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zcount(queue, "-inf", now_ms)
             pipe.zcount(queue, f"({now_ms}", "+inf")
-            pipe.zrangebyscore(queue, "-inf", now_ms, start=0, num=1, withscores=True)
+            pipe.zrangebyscore(queue, "-inf", now_ms, start=0, num=_OLDEST_PROBE, withscores=True)
             pipe.llen(self.keys.poison)
             pipe.zcount(workers_key(self.keys), now - HEARTBEAT_STALE_SECONDS, "+inf")
             pipe.info("memory")
@@ -63,9 +65,8 @@ class QueueStats:
         due, deferred, oldest, dead, alive, memory = results[:6]
         self.metrics.redis_memory.labels(kind="used").set(int(memory.get("used_memory", 0)))
         self.metrics.redis_memory.labels(kind="max").set(int(memory.get("maxmemory", 0)))
-        self.metrics.queue_jobs.labels(state="due").set(due)
         self.metrics.queue_jobs.labels(state="deferred").set(deferred)
-        self.metrics.oldest_due_age.set(max(0.0, now - oldest[0][1] / 1000) if oldest else 0.0)
+        self.metrics.oldest_due_age.set(await self._oldest_waiting_age(oldest, now))
         self.metrics.dead_letters.set(dead)
         self.metrics.workers_alive.set(alive)
         counts = iter(results[6:])
@@ -77,6 +78,24 @@ class QueueStats:
                 if state == State.RUNNING:
                     running += n
         self.metrics.queue_jobs.labels(state="in_progress").set(running)
+        # arq keeps a running job in its queue until it ends: those are not waiting.
+        self.metrics.queue_jobs.labels(state="due").set(max(0, due - running))
+
+    async def _oldest_waiting_age(self, oldest: list[tuple[bytes, float]], now: float) -> float:
+        """Age of the oldest due job that has not started (running jobs stay in the queue)."""
+        if not oldest:
+            return 0.0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id, _ in oldest:
+                pipe.exists(
+                    in_progress_key_prefix
+                    + (job_id.decode() if isinstance(job_id, bytes) else job_id)
+                )
+            running = await pipe.execute()
+        for (_, score), busy in zip(oldest, running, strict=True):
+            if not busy:
+                return max(0.0, now - score / 1000)
+        return 0.0
 
     def hook(self) -> Callable[[], Awaitable[None]]:
         return self.refresh

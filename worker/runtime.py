@@ -24,14 +24,15 @@ from arq.utils import timestamp_ms
 from arq.worker import Function, Worker
 from redis.exceptions import ResponseError, WatchError
 
-from app import serialization
+from app import __version__, serialization
 from app.connection import REDIS_DOWN_ERRORS, create_redis, wait_for_redis
 from app.keys import Keys
+from app.models import State
 from app.settings import Settings
 from worker.health import Health
 from worker.http_server import HealthServer, build_app
 from worker.instrument import instrument_all
-from worker.metrics import metrics
+from worker.metrics import metrics, prime
 from worker.queue_stats import QueueStats, workers_key
 
 __all__ = ["SupervisedWorker", "check_eviction_policy", "run_worker", "worker_options"]
@@ -264,8 +265,12 @@ async def run_worker(
         metrics.redis_up.set(1)
         await check_eviction_policy(redis)
 
+        instrumented = instrument_all(functions)
+        prime(metrics, [f.name for f in instrumented], list(ctx.get("action_names", [])) if ctx else [],
+              [s.value for s in State])  # fmt: skip
+        metrics.info.labels(version=__version__).set(1)
         worker = SupervisedWorker(
-            instrument_all(functions),
+            instrumented,
             redis_pool=redis,
             health=health,
             backoff_max=settings.redis_backoff_max,
