@@ -51,8 +51,6 @@ _CONTACT_MAX = 256
 _RACE_RETRIES = 5
 _ACTIVE = {s.value for s in ACTIVE_STATES}
 _NO_REENTRY = "; the campaign does not allow re-entry"
-_ACTIVE = {s.value for s in ACTIVE_STATES}
-_NO_REENTRY = "; the campaign does not allow re-entry"
 
 
 def enrollment_id_for(campaign_id: str, contact_id: str) -> str:
@@ -418,6 +416,11 @@ class SchedulingService:
             result = await self._apply(target.enrollment_id, tr)
             if result.ok:
                 break
+            if result.job_conflict:
+                raise InvalidRequest(
+                    f"cannot enroll {contact_id!r}: job {result.job_conflict!r} is still queued "
+                    "from an earlier enrollment with the same id"
+                )
             if result.state in _ACTIVE or not campaign.reentry:
                 hint = "" if result.state in _ACTIVE else _NO_REENTRY
                 raise AlreadyEnrolled(

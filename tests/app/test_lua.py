@@ -1,0 +1,391 @@
+"""The Lua scripts (app/lua/transition.lua, app/lua/claim.lua), driven directly through
+EnrollmentStore on a real Redis: preconditions, what is written and what is not."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from app.keys import Keys
+from app.settings import Settings
+from app.store import EnrollmentStore, Job, Transition, now_ms
+
+EID = "c:x"
+KEYS = Keys("campaign")
+EXTRA_MS = 60_000
+
+
+@pytest.fixture
+def store(redis: Any, settings: Settings) -> EnrollmentStore:
+    return EnrollmentStore(
+        redis, KEYS, settings.queue_name, history_limit=5, job_expiry_extra_ms=EXTRA_MS
+    )
+
+
+def entry(to: str, reason: str = "", **extra: Any) -> dict[str, Any]:
+    return {"at": now_ms(), "to": to, "reason": reason, **extra}
+
+
+def job(job_id: str = "step:c:x:1:1", score: int | None = None) -> Job:
+    return Job(
+        job_id,
+        "run_step",
+        [EID, 1, 1],
+        {"campaign": "c", "node": "a"},
+        score if score is not None else now_ms(),
+    )
+
+
+async def create(
+    store: EnrollmentStore,
+    eid: str = EID,
+    *,
+    state: str = "scheduled",
+    step: int = 1,
+    attempt: int = 1,
+    add_job: Job | None = None,
+) -> None:
+    tr = Transition(
+        create=True,
+        expect_step=0,
+        set={
+            "state": state,
+            "campaign": "c",
+            "node": "a",
+            "step": str(step),
+            "attempt": str(attempt),
+        },
+        history=[entry(state, "created")],
+        add_job=add_job,
+    )
+    applied = await store.apply(eid, tr)
+    assert applied.ok and applied.state == state
+
+
+def move(
+    state: str,
+    *,
+    expect: str = "scheduled",
+    step: int | None = 1,
+    attempt: int | None = None,
+    **kw: Any,
+) -> Transition:
+    return Transition(
+        expect_states=(expect,),
+        expect_step=step,
+        expect_attempt=attempt,
+        set={"state": state},
+        history=[entry(state)],
+        **kw,
+    )
+
+
+async def snapshot(redis: Any) -> dict[bytes, bytes]:
+    """Every key and its serialized value: equal snapshots mean nothing was written."""
+    return {key: await redis.dump(key) for key in sorted(await redis.keys("*"))}
+
+
+async def indexed(redis: Any, eid: str = EID) -> list[str]:
+    """The index sets that hold ``eid``."""
+    found = []
+    for key in sorted(await redis.keys(KEYS.state_index("c", "*"))):
+        if await redis.sismember(key, eid):
+            found.append(key.decode().rsplit(":", 1)[1])
+    return found
+
+
+async def history(redis: Any, eid: str = EID) -> list[dict[str, Any]]:
+    return [orjson.loads(h) for h in await redis.lrange(KEYS.history(eid), 0, -1)]
+
+
+# --- transition.lua --------------------------------------------------------------------
+
+
+async def test_create_writes_record_history_index_and_job(
+    store: EnrollmentStore, redis: Any, settings: Settings
+) -> None:
+    score = now_ms() + 3_600_000
+    await create(store, add_job=job(score=score))
+    record = await store.record(EID)
+    assert record == {
+        "state": "scheduled",
+        "campaign": "c",
+        "node": "a",
+        "step": "1",
+        "attempt": "1",
+    }
+    assert [h["reason"] for h in await history(redis)] == ["created"]
+    assert await indexed(redis) == ["scheduled"]
+    assert await redis.zscore(settings.queue_name, "step:c:x:1:1") == score
+    payload = orjson.loads(await redis.get("arq:job:step:c:x:1:1"))
+    assert (payload["f"], payload["a"], payload["k"]) == (
+        "run_step",
+        [EID, 1, 1],
+        {"campaign": "c", "node": "a"},
+    )
+    assert (
+        3_600_000 + EXTRA_MS - 5_000
+        < await redis.pttl("arq:job:step:c:x:1:1")
+        <= 3_600_000 + EXTRA_MS
+    )
+
+
+async def test_create_refuses_an_existing_record(store: EnrollmentStore, redis: Any) -> None:
+    await create(store)
+    before = await snapshot(redis)
+    again = Transition(
+        create=True,
+        expect_step=0,
+        set={"state": "waiting", "campaign": "c"},
+        history=[entry("waiting")],
+        add_job=job("step:c:x:9:1"),
+    )
+    applied = await store.apply(EID, again)
+    assert (applied.ok, applied.state, applied.step) == (False, "scheduled", 1)
+    assert await snapshot(redis) == before
+
+
+@pytest.mark.parametrize(
+    ("state", "expect_step", "ok"),
+    [
+        ("completed", 3, True),
+        ("cancelled", 3, True),
+        ("failed", 3, True),
+        ("completed", 2, False),
+        ("scheduled", 3, False),
+        ("waiting", 3, False),
+    ],
+)
+async def test_reentry_replaces_only_a_terminal_record_at_the_expected_step(
+    store: EnrollmentStore, redis: Any, state: str, expect_step: int, ok: bool
+) -> None:
+    await create(store, state=state, step=3)
+    before = await snapshot(redis)
+    tr = Transition(
+        create=True,
+        reentry=True,
+        expect_step=expect_step,
+        set={"state": "scheduled", "campaign": "c", "step": "4"},
+        history=[entry("scheduled", "re-entered")],
+    )
+    applied = await store.apply(EID, tr)
+    assert applied.ok is ok
+    if ok:
+        assert (await store.record(EID) or {})["step"] == "4"
+        assert await indexed(redis) == ["scheduled"]
+        assert [h["reason"] for h in await history(redis)] == ["created", "re-entered"]
+    else:
+        assert (applied.state, applied.step) == (state, 3)
+        assert await snapshot(redis) == before
+
+
+@pytest.mark.parametrize(
+    "tr",
+    [
+        move("running", expect="waiting"),  # wrong state
+        move("running", step=2),  # wrong step
+        move("running", attempt=2),  # wrong attempt
+    ],
+    ids=["state", "step", "attempt"],
+)
+async def test_precondition_mismatch_returns_the_current_state_and_writes_nothing(
+    store: EnrollmentStore, redis: Any, settings: Settings, tr: Transition
+) -> None:
+    await create(store, add_job=job())
+    tr.add_job = job("step:c:x:2:1")
+    tr.remove_jobs = ["step:c:x:1:1"]
+    tr.unset = ["node"]
+    before = await snapshot(redis)
+    applied = await store.apply(EID, tr)
+    assert (applied.ok, applied.state, applied.step, applied.missing) == (
+        False,
+        "scheduled",
+        1,
+        False,
+    )
+    assert await snapshot(redis) == before
+    assert await redis.zscore(settings.queue_name, "step:c:x:1:1") is not None
+
+
+async def test_matching_state_step_and_attempt_applies(store: EnrollmentStore) -> None:
+    await create(store)
+    applied = await store.apply(EID, move("running", step=1, attempt=1))
+    assert applied.ok and applied.state == "running"
+
+
+async def test_no_expected_step_means_any_step(store: EnrollmentStore) -> None:
+    await create(store, step=7)
+    assert (await store.apply(EID, move("cancelled", step=None))).ok
+
+
+async def test_missing_record_returns_missing_and_writes_nothing(
+    store: EnrollmentStore, redis: Any
+) -> None:
+    tr = move("running", add_job=job(), remove_jobs=["other"])
+    applied = await store.apply(EID, tr)
+    assert (applied.ok, applied.missing) == (False, True)
+    assert await redis.keys("*") == []
+
+
+async def test_index_sets_follow_the_state(store: EnrollmentStore, redis: Any) -> None:
+    eid = "c:contact:with:colons"
+    await create(store, eid)
+    assert await indexed(redis, eid) == ["scheduled"]
+    for old, new in (("scheduled", "running"), ("running", "waiting"), ("waiting", "completed")):
+        assert (await store.apply(eid, move(new, expect=old))).ok
+        assert await indexed(redis, eid) == [new]
+        assert await redis.scard(KEYS.state_index("c", old)) == 0
+    # a transition that keeps the state leaves the index alone
+    same = Transition(expect_states=("completed",), set={"updated_at": "1"})
+    assert (await store.apply(eid, same)).ok
+    assert await indexed(redis, eid) == ["completed"]
+    assert await store.count_by_state("c") == {
+        "scheduled": 0,
+        "running": 0,
+        "waiting": 0,
+        "completed": 1,
+        "failed": 0,
+        "cancelled": 0,
+    }
+    assert await store.list_ids("c", "completed") == [eid]
+
+
+async def test_history_is_capped_at_the_limit(store: EnrollmentStore, redis: Any) -> None:
+    await create(store)
+    for n in range(11):
+        tr = Transition(expect_states=("scheduled",), history=[entry("scheduled", f"n{n}")])
+        assert (await store.apply(EID, tr)).ok
+    assert [h["reason"] for h in await history(redis)] == ["n6", "n7", "n8", "n9", "n10"]
+    code, _ = await store.claim(EID, 1, 1, "a")
+    assert code == 1
+    reasons = [h["reason"] for h in await history(redis)]
+    assert reasons == ["n7", "n8", "n9", "n10", "job started"]
+
+
+async def test_remove_jobs_deletes_the_queue_entry_job_and_retry_keys(
+    store: EnrollmentStore, redis: Any, settings: Settings
+) -> None:
+    await create(store, add_job=job())
+    await redis.set("arq:retry:step:c:x:1:1", 1)
+    tr = move("cancelled", remove_jobs=["step:c:x:1:1", "not-there"], unset=["node"])
+    assert (await store.apply(EID, tr)).ok
+    assert await redis.zcard(settings.queue_name) == 0
+    assert not await redis.exists("arq:job:step:c:x:1:1", "arq:retry:step:c:x:1:1")
+    record = await store.record(EID)
+    assert record is not None and record["state"] == "cancelled" and "node" not in record
+
+
+@pytest.mark.parametrize("taken", ["arq:job:step:c:x:2:1", "arq:result:step:c:x:2:1"])
+async def test_a_taken_job_id_is_a_conflict_and_writes_nothing(
+    store: EnrollmentStore, redis: Any, taken: str
+) -> None:
+    await create(store, add_job=job())
+    await redis.set(taken, b"{}")
+    before = await snapshot(redis)
+    applied = await store.apply(
+        EID, move("scheduled", add_job=job("step:c:x:2:1"), remove_jobs=["step:c:x:1:1"])
+    )
+    assert (applied.ok, applied.job_conflict) == (False, "step:c:x:2:1")
+    assert await snapshot(redis) == before
+
+
+async def test_values_pass_through_the_script_unchanged(store: EnrollmentStore, redis: Any) -> None:
+    odd = 'Zoë 🎉 "quoted" \\ back/slash\nnew line \x01 {"json": [1, 2]}'
+    await create(store)
+    at = now_ms()
+    hist = {"at": at, "to": "scheduled", "node": None, "step": 1, "reason": odd}
+    tr = Transition(
+        expect_states=("scheduled",), set={"attributes": odd, "empty": ""}, history=[hist]
+    )
+    assert (await store.apply(EID, tr)).ok
+    record = await store.record(EID)
+    assert record is not None and record["attributes"] == odd and record["empty"] == ""
+    last = (await history(redis))[-1]
+    assert {k: last[k] for k in hist} == hist  # reason, null and a 13-digit ms time intact
+
+
+async def test_apply_many_runs_independent_transitions(store: EnrollmentStore) -> None:
+    await create(store, "c:a")
+    results = await store.apply_many(
+        [("c:a", move("running")), ("c:b", move("running")), ("c:a", move("running"))]
+    )
+    assert [(r.ok, r.missing, r.state) for r in results] == [
+        (True, False, "running"),
+        (False, True, None),
+        (False, False, "running"),
+    ]
+
+
+# --- claim.lua -------------------------------------------------------------------------
+
+
+async def test_claim_moves_scheduled_to_running(store: EnrollmentStore, redis: Any) -> None:
+    await create(store)
+    code, record = await store.claim(EID, 1, 1, "a")
+    assert code == 1
+    assert (record["state"], record["step"], record["attempt"], record["node"]) == (
+        "running",
+        "1",
+        "1",
+        "a",
+    )
+    assert await store.record(EID) == record
+    assert await indexed(redis) == ["running"]
+    last = (await history(redis))[-1]
+    assert {k: last[k] for k in ("from", "to", "node", "step", "attempt", "reason")} == {
+        "from": "scheduled",
+        "to": "running",
+        "node": "a",
+        "step": 1,
+        "attempt": 1,
+        "reason": "job started",
+    }
+
+
+async def test_claim_of_a_running_record_is_a_crash_rerun(
+    store: EnrollmentStore, redis: Any
+) -> None:
+    await create(store)
+    assert (await store.claim(EID, 1, 1, "a"))[0] == 1
+    code, record = await store.claim(EID, 1, 1, "a")  # arq re-ran the job: the worker died
+    assert code == 2
+    assert (record["state"], record["attempt"]) == ("running", "2")
+    assert (await store.record(EID) or {})["attempt"] == "2"
+    assert await indexed(redis) == ["running"]
+    last = (await history(redis))[-1]
+    assert (last["from"], last["to"], last["attempt"]) == ("running", "running", 2)
+    assert last["reason"] == "job re-run after a worker stopped mid-step"
+    assert (await store.claim(EID, 1, 1, "a"))[1]["attempt"] == "3"  # and again
+
+
+@pytest.mark.parametrize(
+    ("state", "attempt", "claim_step", "claim_attempt"),
+    [
+        ("scheduled", 1, 2, 1),  # another step's job
+        ("scheduled", 2, 1, 1),  # an older attempt's job (a retry is scheduled)
+        ("running", 1, 1, 2),  # a newer attempt than the one running
+        ("waiting", 1, 1, 1),  # the step already moved to a wait
+        ("cancelled", 1, 1, 1),
+    ],
+)
+async def test_claim_of_a_job_that_does_not_match_is_stale(
+    store: EnrollmentStore,
+    redis: Any,
+    state: str,
+    attempt: int,
+    claim_step: int,
+    claim_attempt: int,
+) -> None:
+    await create(store, state=state, attempt=attempt)
+    before = await snapshot(redis)
+    code, current = await store.claim(EID, claim_step, claim_attempt, "a")
+    assert code == 0
+    assert current == {"state": state, "step": "1", "attempt": str(attempt)}
+    assert await snapshot(redis) == before
+
+
+async def test_claim_of_a_missing_record(store: EnrollmentStore, redis: Any) -> None:
+    assert await store.claim(EID, 1, 1, "a") == (-1, {})
+    assert await redis.keys("*") == []
