@@ -41,6 +41,7 @@ __all__ = [
     "Plan",
     "SchedulingService",
     "enrollment_id_for",
+    "parse_job_id",
     "step_job_id",
     "timeout_job_id",
 ]
@@ -106,6 +107,20 @@ def _traced(
         return wrapper
 
     return decorate
+
+
+def parse_job_id(job_id: str) -> tuple[str, int] | None:
+    """(enrollment id, step) of a step or timeout job id, else None."""
+    try:
+        if job_id.startswith("step:"):
+            eid, step, _attempt = job_id[5:].split("@", 1)[0].rsplit(":", 2)
+            return eid, int(step)
+        if job_id.startswith("timeout:"):
+            eid, step = job_id[8:].rsplit(":", 1)
+            return eid, int(step)
+    except ValueError:
+        return None
+    return None
 
 
 def _ms(t: datetime) -> int:
@@ -578,6 +593,28 @@ class SchedulingService:
                              expect_step=step, expect_attempt=attempt, attempt=attempt,
                              now=now)  # fmt: skip
         return await self._apply(target.enrollment_id, tr)
+
+    async def fail_lost_job(self, job_id: str, reason: str) -> Applied | None:
+        """arq dropped a step or timeout job without running it (undecodable, expired, too
+        many tries): fail its enrollment if it still waits on that job, rather than leave it
+        active forever. Returns None for job ids that are not ours."""
+        parsed = parse_job_id(job_id)
+        if parsed is None:
+            return None
+        enrollment_id, step = parsed
+        rec = await self.store.record(enrollment_id)
+        if rec is None or rec.get("state") not in _ACTIVE or int(rec.get("step", -1)) != step:
+            return Applied(False, rec.get("state") if rec else None, missing=rec is None)
+        now = datetime.now(UTC)
+        error = {
+            "type": "JobDropped",
+            "message": f"job {job_id} was dropped by the queue: {reason}",
+        }
+        plan = Plan(State.FAILED, rec.get("node") or None, step, f"JobDropped: {reason}"[:500],
+                    error={**error, "node": rec.get("node") or None, "step": step})  # fmt: skip
+        tr = self.transition(plan, from_state=rec["state"], expect_states=(rec["state"],),
+                             expect_step=step, attempt=int(rec.get("attempt") or 1), now=now)  # fmt: skip
+        return await self._apply(enrollment_id, tr)
 
     @_traced("defer")
     async def defer(

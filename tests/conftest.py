@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from app.client import CampaignClient
 from app.connection import create_redis
 from app.settings import Settings
+from tests.fake_service import FakeService
 from worker.embedded_redis import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,6 +62,21 @@ def private_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
     server = start_redis(tmp_path / "redis")
     yield server
     server.close()
+
+
+@pytest.fixture
+async def svc() -> AsyncIterator[FakeService]:
+    """A stand-in for the campaign service that ``http`` actions call."""
+    service = await FakeService().start()
+    yield service
+    await service.stop()
+
+
+@pytest.fixture
+async def client(settings: Settings, redis: object) -> AsyncIterator[CampaignClient]:
+    """A client on the emptied private server."""
+    async with CampaignClient(settings=settings) as c:
+        yield c
 
 
 def subprocess_env(**overrides: str) -> dict[str, str]:

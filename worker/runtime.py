@@ -161,6 +161,11 @@ class SupervisedWorker(Worker):
         label = _poison_label(reason)
         metrics.poison_jobs.labels(reason=label).inc()
         log.error("poison job dropped from the queue", extra={"job_id": job_id, "reason": reason})
+        service = self.ctx.get("service")
+        if service is not None:
+            result = await service.fail_lost_job(job_id, reason)
+            if result is not None and result.ok:
+                log.error("enrollment failed: its job was dropped", extra={"job_id": job_id})
 
 
 def _poison_label(reason: str) -> str:

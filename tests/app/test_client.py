@@ -3,10 +3,7 @@ signals, cancel, bulk enrollment and its round trips, status history, replay."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import re
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,6 +19,7 @@ from app import (
 )
 from app.scheduling import JobTarget
 from app.settings import Settings
+from bench.roundtrips import RoundTrips
 from worker.embedded_redis import EmbeddedRedis
 
 EXIT = {"type": "exit"}
@@ -47,12 +45,6 @@ WAITING = {
         "done": EXIT,
     },
 }
-
-
-@pytest.fixture
-async def client(redis: Any, settings: Settings) -> AsyncIterator[CampaignClient]:
-    async with CampaignClient(settings=settings) as c:
-        yield c
 
 
 def ms(t: datetime) -> int:
@@ -362,77 +354,13 @@ async def test_replay_of_an_enrollment_that_did_not_fail(client: CampaignClient)
 # --- bulk enrollment: 10,000 contacts in a few round trips ----------------------------
 
 
-class RoundTrips:
-    """A TCP proxy in front of Redis that counts round trips: request bursts the client
-    sends after it has received replies.
-
-    Replies are held back until the client has sent nothing for ``quiet`` seconds, so a
-    pipeline whose first replies come back while it is still being written counts once,
-    as it does for the client. A client that stalls mid-pipeline can only make the count
-    larger, never smaller."""
-
-    def __init__(self, server: EmbeddedRedis, quiet: float = 0.02) -> None:
-        self.target = server.port
-        self.quiet = quiet
-        self.count = 0
-        self.url = ""
-        self._server: asyncio.Server | None = None
-        self._handlers: set[asyncio.Task[Any]] = set()
-
-    async def __aenter__(self) -> RoundTrips:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.url = f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/0"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in self._handlers:
-            task.cancel()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
-
-    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
-        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target)
-        loop = asyncio.get_running_loop()
-        last_request = loop.time()
-        answered = True
-
-        async def requests() -> None:
-            nonlocal last_request, answered
-            while data := await client_r.read(1 << 16):
-                if answered:
-                    self.count += 1
-                    answered = False
-                last_request = loop.time()
-                server_w.write(data)
-                await server_w.drain()
-
-        async def replies() -> None:
-            nonlocal answered
-            while data := await server_r.read(1 << 16):
-                while (left := last_request + self.quiet - loop.time()) > 0:
-                    await asyncio.sleep(left)
-                answered = True
-                client_w.write(data)
-                await client_w.drain()
-
-        try:
-            await asyncio.gather(requests(), replies())
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            for w in (server_w, client_w):
-                with contextlib.suppress(Exception):
-                    w.close()
-
-
 async def test_round_trip_counter_counts_what_the_client_waits_for(
     redis: Any, settings: Settings, redis_server: EmbeddedRedis
 ) -> None:
-    async with RoundTrips(redis_server) as trips, CampaignClient(trips.url, settings=settings) as c:
+    async with (
+        RoundTrips(redis_server.port) as trips,
+        CampaignClient(trips.url, settings=settings) as c,
+    ):
         await c.redis.ping()
         trips.count = 0
         for _ in range(3):
@@ -449,7 +377,10 @@ async def test_enroll_many_10000_contacts_in_few_round_trips(
     redis: Any, settings: Settings, redis_server: EmbeddedRedis
 ) -> None:
     n, batch = 10_000, 1000
-    async with RoundTrips(redis_server) as trips, CampaignClient(trips.url, settings=settings) as c:
+    async with (
+        RoundTrips(redis_server.port) as trips,
+        CampaignClient(trips.url, settings=settings) as c,
+    ):
         await c.register_campaign(ONE_STEP)  # also opens the client's connection
         trips.count = 0
         before = await commandstats(redis)

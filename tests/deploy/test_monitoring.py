@@ -17,7 +17,7 @@ import json
 import re
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,6 @@ import pytest
 import yaml
 
 from app import CampaignClient
-from app.settings import Settings
 from tests.fake_service import FakeService
 from tests.helpers import WorkerProcess, eventually
 from worker.embedded_redis import EmbeddedRedis, free_port
@@ -300,19 +299,6 @@ class PrometheusServer:
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture
-async def svc() -> AsyncIterator[FakeService]:
-    service = await FakeService().start()
-    yield service
-    await service.stop()
-
-
-@pytest.fixture
-async def client(settings: Settings, redis: Any) -> AsyncIterator[CampaignClient]:
-    async with CampaignClient(settings=settings) as c:
-        yield c
 
 
 # --------------------------------------------------------------------------- alert rules

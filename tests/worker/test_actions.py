@@ -7,7 +7,6 @@ import hmac
 import random
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -34,13 +33,6 @@ from worker.actions import (
 )
 from worker.embedded_redis import EmbeddedRedis, free_port
 from worker.retries import backoff_delay
-
-
-@pytest.fixture
-async def svc() -> AsyncIterator[FakeService]:
-    service = await FakeService().start()
-    yield service
-    await service.stop()
 
 
 def ctx_for(url: str, session: aiohttp.ClientSession, **kw: Any) -> ActionContext:

@@ -42,19 +42,6 @@ def campaign(cid: str, nodes: dict[str, Any], entry: str = "first", **extra: Any
 
 
 @pytest.fixture
-async def svc() -> AsyncIterator[FakeService]:
-    service = await FakeService().start()
-    yield service
-    await service.stop()
-
-
-@pytest.fixture
-async def client(settings: Settings, redis: Any) -> AsyncIterator[CampaignClient]:
-    async with CampaignClient(settings=settings) as c:
-        yield c
-
-
-@pytest.fixture
 async def worker(redis_server: EmbeddedRedis, redis: Any) -> AsyncIterator[WorkerProcess]:
     proc = WorkerProcess(redis_server.url, CAMPAIGN_JOB_TIMEOUT="5").start()
     await proc.wait_status("/readyz", 200)
@@ -324,3 +311,28 @@ async def test_killed_worker_step_reruns_with_same_key(
     assert any("re-run after a worker stopped" in r for r in reasons(done))
     assert [h.to_state for h in done.history].count("completed") == 1
     assert time.monotonic() - started < 25
+
+
+async def test_dropped_step_job_fails_its_enrollment(
+    client: CampaignClient, svc: FakeService, worker: WorkerProcess, settings: Settings
+) -> None:
+    await client.register_campaign(campaign("drop", {"first": http("/ok", svc)}))
+    st = await client.service.enroll("drop", "a", now=datetime.now(UTC) + timedelta(hours=1))
+    job_id = f"step:{st.enrollment_id}:1:1"
+    await client.redis.set(job_key_prefix + job_id, b"\x80garbage", px=60_000)
+    await client.redis.zadd(settings.queue_name, {job_id: 1})  # due now
+    failed = await wait_state(client, st.enrollment_id, State.FAILED)
+    assert failed.error is not None and failed.error.type == "JobDropped"
+    assert "deserialize" in failed.error.message
+    await client.replay(st.enrollment_id)
+    await wait_state(client, st.enrollment_id, State.COMPLETED)
+    assert len(svc.calls_for(st.enrollment_id)) == 1
+
+
+def test_parse_job_id() -> None:
+    from app.scheduling import parse_job_id, step_job_id
+
+    assert parse_job_id(step_job_id("c:x:y", 3, 2)) == ("c:x:y", 3)
+    assert parse_job_id(step_job_id("c:x", 3, 2, 1700000000000)) == ("c:x", 3)
+    assert parse_job_id(timeout_job_id("c:x", 9)) == ("c:x", 9)
+    assert parse_job_id("ping:abc") is None and parse_job_id("step:bad") is None

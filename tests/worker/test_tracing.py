@@ -88,13 +88,6 @@ async def receiver() -> AsyncIterator[Receiver]:
     await r.stop()
 
 
-@pytest.fixture
-async def svc() -> AsyncIterator[FakeService]:
-    s = await FakeService().start()
-    yield s
-    await s.stop()
-
-
 CONSUMER, PRODUCER, CLIENT = 5, 4, 3  # OTLP SpanKind enum values
 ERROR = 2
 
