@@ -6,9 +6,18 @@ counters, and labels with a small fixed set of values (never enrollment or conta
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 
 __all__ = ["REGISTRY", "Metrics", "metrics"]
+
+# `_created` series double the scrape for no use in dashboards or alerts.
+disable_created_metrics()
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
