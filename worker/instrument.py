@@ -27,6 +27,19 @@ LINK_ONLY = frozenset({"fire_timeout"})
 OUTCOMES = frozenset({"success", "retry", "failed", "stale", "rescheduled"})
 
 
+_POSITIONAL = ("enrollment_id", "step", "attempt")
+
+
+def _job_fields(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Campaign job context for every log line of the job, start and finish included."""
+    if "campaign" not in kwargs:
+        return {}
+    fields = dict(zip(_POSITIONAL, args, strict=False))
+    fields["campaign_id"] = kwargs.get("campaign")
+    fields["node"] = kwargs.get("node")
+    return fields
+
+
 def instrument(function: Function) -> Function:
     """A copy of ``function`` whose runs are logged, timed and counted."""
     inner = function.coroutine
@@ -43,7 +56,8 @@ def instrument(function: Function) -> Function:
         settings = ctx.get("settings")
         queue = settings.queue_name if settings is not None else "arq:queue"
         carrier = kwargs.get("otel")
-        with bind(job_id=ctx.get("job_id"), function=name, job_try=ctx.get("job_try")), consumer_span(
+        with bind(job_id=ctx.get("job_id"), function=name, job_try=ctx.get("job_try"),
+                  **_job_fields(args, kwargs)), consumer_span(
             name, queue, ctx.get("job_id"), ctx.get("job_try"), lateness,
             carrier if isinstance(carrier, dict) else None, link_only=name in LINK_ONLY,
         ) as span:  # fmt: skip

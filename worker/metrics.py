@@ -17,7 +17,7 @@ from prometheus_client import (
 __all__ = ["REGISTRY", "Metrics", "metrics"]
 
 # `_created` series double the scrape for no use in dashboards or alerts.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 

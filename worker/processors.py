@@ -125,6 +125,12 @@ async def _run_step(
         return "stale"
     attempt = int(record["attempt"])
     trace.get_current_span().set_attribute("campaign.attempt", attempt)
+    if service.on_transition is not None:
+        service.on_transition(target.enrollment_id, {
+            "from": "running" if code == 2 else "scheduled", "to": "running", "node": node_id,
+            "step": step, "attempt": attempt,
+            "reason": "job re-run after a worker stopped mid-step" if code == 2 else "job started",
+        })  # fmt: skip
     with bind(attempt=attempt):
         if code == 2:
             log.warning("step re-run after a worker stopped mid-step")

@@ -336,3 +336,35 @@ def test_parse_job_id() -> None:
     assert parse_job_id(step_job_id("c:x", 3, 2, 1700000000000)) == ("c:x", 3)
     assert parse_job_id(timeout_job_id("c:x", 9)) == ("c:x", 9)
     assert parse_job_id("ping:abc") is None and parse_job_id("step:bad") is None
+
+
+async def test_every_job_line_carries_its_context(
+    client: CampaignClient, svc: FakeService, worker: WorkerProcess
+) -> None:
+    await client.register_campaign(
+        campaign("logs", {"first": http("/flaky/1", svc, retry=fast_retry(3, 0.05))})
+    )
+    st = await client.enroll("logs", "a")
+    await wait_state(client, st.enrollment_id, State.COMPLETED)
+    await eventually(
+        lambda: _true(sum(d.get("msg") == "job finished" for d in worker.lines) >= 2), what="logs"
+    )
+    lines = [d for d in worker.lines if d.get("function") == "run_step"]
+    assert {d["msg"] for d in lines} >= {
+        "job started",
+        "job finished",
+        "transition",
+        "action failed, will retry",
+    }
+    for d in lines:
+        assert d["job_id"].startswith(f"step:{st.enrollment_id}:")
+        assert d["enrollment_id"] == st.enrollment_id and d["campaign_id"] == "logs"
+        assert {"node", "step", "attempt"} <= d.keys()
+    transitions = [d for d in lines if d["msg"] == "transition"]
+    assert [(d["from_state"], d["to_state"]) for d in transitions] == [
+        ("scheduled", "running"), ("running", "scheduled"),
+        ("scheduled", "running"), ("running", "completed")]  # fmt: skip
+
+
+async def _true(value: bool) -> bool:
+    return value
