@@ -40,6 +40,9 @@ def create_redis(settings: Settings, **kwargs: Any) -> ArqRedis:
     url = settings.redis_url.get_secret_value()
     options: dict[str, Any] = {
         "socket_connect_timeout": 2.0,
+        # A command that hangs (a stalled or paused server) must fail rather than hold a
+        # job until arq's timeout drops it. No command we send blocks by design.
+        "socket_timeout": 10.0,
         "socket_keepalive": True,
         "health_check_interval": 15,
     }

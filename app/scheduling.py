@@ -299,6 +299,7 @@ class SchedulingService:
         expect_states: Iterable[str],
         expect_step: int | None,
         expect_attempt: int | None = None,
+        expect_job: str | None = None,
         attempt: int = 1,
         now: datetime,
         extra: Mapping[str, str] | None = None,
@@ -340,6 +341,7 @@ class SchedulingService:
             expect_states=tuple(expect_states),
             expect_step=expect_step,
             expect_attempt=expect_attempt,
+            expect_job=expect_job,
             set=fields,
             unset=unset,
             history=[entry],
@@ -563,7 +565,7 @@ class SchedulingService:
             and isinstance(action, ActionNode)
             and campaign.uses_business_hours(action)
         ):
-            run_at = cal.next_open(run_at)
+            run_at = cal.next_open_spread(run_at, target.enrollment_id)
         job = self._step_job(target, node, step, attempt + 1, run_at, now)
         reason = f"retry in {format_duration(run_at - now)} after {error.get('type')}: {error.get('message')}"
         plan = Plan(State.SCHEDULED, node, step, reason[:500], run_at=run_at, job=job)
@@ -580,7 +582,7 @@ class SchedulingService:
         *,
         node: str | None,
         step: int,
-        attempt: int,
+        attempt: int | None,
         error: Mapping[str, Any],
         expect_state: State = State.RUNNING,
         now: datetime | None = None,
@@ -590,7 +592,7 @@ class SchedulingService:
         reason = f"{error.get('type')}: {error.get('message')}"[:500]
         plan = Plan(State.FAILED, node, step, reason, error={**error, "node": node, "step": step})
         tr = self.transition(plan, from_state=expect_state, expect_states=(expect_state,),
-                             expect_step=step, expect_attempt=attempt, attempt=attempt,
+                             expect_step=step, expect_attempt=attempt, attempt=attempt or 1,
                              now=now)  # fmt: skip
         return await self._apply(target.enrollment_id, tr)
 
@@ -603,7 +605,8 @@ class SchedulingService:
             return None
         enrollment_id, step = parsed
         rec = await self.store.record(enrollment_id)
-        if rec is None or rec.get("state") not in _ACTIVE or int(rec.get("step", -1)) != step:
+        if rec is None or rec.get("state") not in _ACTIVE or rec.get("job") != job_id:
+            # Not its current job (a stale duplicate, or the enrollment moved on): nothing lost.
             return Applied(False, rec.get("state") if rec else None, missing=rec is None)
         now = datetime.now(UTC)
         error = {
@@ -613,23 +616,25 @@ class SchedulingService:
         plan = Plan(State.FAILED, rec.get("node") or None, step, f"JobDropped: {reason}"[:500],
                     error={**error, "node": rec.get("node") or None, "step": step})  # fmt: skip
         tr = self.transition(plan, from_state=rec["state"], expect_states=(rec["state"],),
-                             expect_step=step, attempt=int(rec.get("attempt") or 1), now=now)  # fmt: skip
+                             expect_step=step, expect_job=job_id,
+                             attempt=int(rec.get("attempt") or 1), now=now)  # fmt: skip
         return await self._apply(enrollment_id, tr)
 
     @_traced("defer")
     async def defer(
         self, target: JobTarget, *, node: str, step: int, attempt: int, run_at: datetime,
-        now: datetime | None = None,
+        job_id: str | None = None, now: datetime | None = None,
     ) -> Applied:  # fmt: skip
         """A step job found its business-hours window closed: run it at ``run_at`` instead."""
         now = now or datetime.now(UTC)
         job = self._step_job(target, node, step, attempt, run_at, now, deferred=True)
         plan = Plan(State.SCHEDULED, node, step, "outside business hours: deferred to the next opening",
                     run_at=run_at, job=job)  # fmt: skip
-        # 'running' at this step means a worker died mid-step and arq re-ran the job
-        # (no other job of this step can be running): it waits for the opening too.
+        # Only the record's current job may defer it. Finding it 'running' means a worker
+        # died mid-step and arq re-ran that job: it waits for the opening too.
         tr = self.transition(plan, from_state=State.SCHEDULED,
                              expect_states=(State.SCHEDULED, State.RUNNING), expect_step=step,
+                             expect_attempt=None if job_id else attempt, expect_job=job_id,
                              attempt=attempt, now=now)  # fmt: skip
         return await self._apply(target.enrollment_id, tr)
 
@@ -644,7 +649,8 @@ class SchedulingService:
         assert isinstance(wait, WaitNode)
         plan = self.plan(campaign, target, wait.on_timeout, step, now, reason=f"timeout of {node}")
         tr = self.transition(plan, from_state=State.WAITING, expect_states=(State.WAITING,),
-                             expect_step=step, now=now)  # fmt: skip
+                             expect_step=step, expect_job=timeout_job_id(target.enrollment_id, step),
+                             now=now)  # fmt: skip
         return await self._apply(target.enrollment_id, tr)
 
     # -- API-side operations ----------------------------------------------------------
@@ -730,6 +736,7 @@ class SchedulingService:
         plan = self.plan(campaign, target, node, step, now, reason="replayed")
         tr = self.transition(plan, from_state=State.FAILED, expect_states=(State.FAILED,),
                              expect_step=step, now=now)  # fmt: skip
+        tr.unset.append("error")  # the history keeps what failed
         result = await self._apply(enrollment_id, tr)
         if not result.ok:
             raise InvalidRequest(f"enrollment {enrollment_id!r} changed while replaying; try again")

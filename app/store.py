@@ -52,6 +52,7 @@ class Transition:
     expect_states: Sequence[str] = ()
     expect_step: int | None = None
     expect_attempt: int | None = None
+    expect_job: str | None = None
     create: bool = False
     reentry: bool = False
     set: dict[str, str] = field(default_factory=dict)
@@ -107,6 +108,7 @@ class EnrollmentStore:
                 "states": list(tr.expect_states),
                 "step": tr.expect_step,
                 "attempt": tr.expect_attempt,
+                "job": tr.expect_job,
             },
             "create": tr.create,
             "reentry": tr.reentry,
@@ -167,16 +169,18 @@ class EnrollmentStore:
             return list(await pipe.execute())
 
     async def claim(
-        self, enrollment_id: str, step: int, attempt: int, node: str | None
-    ) -> tuple[int, dict[str, str]]:
+        self, enrollment_id: str, step: int, attempt: int, node: str | None,
+        job_id: str | None = None,
+    ) -> tuple[int, dict[str, str]]:  # fmt: skip
         """scheduled -> running for a step job. Returns (code, record); code 1 claimed,
-        2 re-run after a crash (attempt bumped), 0 stale, -1 missing."""
+        2 re-run after a crash (attempt bumped), 0 stale, -1 missing. With ``job_id``, only
+        the record's current job may claim it."""
         now = now_ms()
         template = orjson.dumps({"at": now, "node": node, "step": step}).decode()
         raw = await self._claim(
             keys=[self.keys.enrollment(enrollment_id), self.keys.history(enrollment_id)],
             args=[step, attempt, now, template, self.history_limit,
-                  f"{self.keys.prefix}:idx:", enrollment_id],
+                  f"{self.keys.prefix}:idx:", enrollment_id, job_id or ""],
         )  # fmt: skip
         code = int(raw[0])
         if code in (1, 2):

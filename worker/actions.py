@@ -201,9 +201,10 @@ async def http_action(ctx: ActionContext) -> str | None:
         digest = hmac.new(ctx.secret, body, hashlib.sha256).hexdigest()
         headers[SIGNATURE_HEADER] = f"sha256={digest}"
     parts = urlsplit(url)
+    safe_url = _without_query(url)  # messages end up in logs, history and errors
     with tracer.start_as_current_span(
         "POST", kind=SpanKind.CLIENT,
-        attributes={"http.request.method": "POST", "url.full": _without_query(url),
+        attributes={"http.request.method": "POST", "url.full": safe_url,
                     "server.address": parts.hostname or "",
                     "server.port": parts.port or (443 if parts.scheme == "https" else 80)},
         record_exception=False, set_status_on_exception=False,
@@ -219,11 +220,11 @@ async def http_action(ctx: ActionContext) -> str | None:
         except TimeoutError:
             span.set_attribute("error.type", "timeout")
             span.set_status(Status(StatusCode.ERROR, "timeout"))
-            raise TransientError(f"POST {url} timed out after {ctx.timeout:g}s") from None
+            raise TransientError(f"POST {safe_url} timed out after {ctx.timeout:g}s") from None
         except aiohttp.ClientError as exc:
             span.set_attribute("error.type", type(exc).__name__)
             span.set_status(Status(StatusCode.ERROR, str(exc)[:200]))
-            raise TransientError(f"POST {url} failed: {type(exc).__name__}: {exc}") from None
+            raise TransientError(f"POST {safe_url} failed: {type(exc).__name__}") from None
         span.set_attribute("http.response.status_code", status)
         if status >= 400:
             span.set_attribute("error.type", str(status))
@@ -240,16 +241,16 @@ async def http_action(ctx: ActionContext) -> str | None:
     snippet = text[:200]
     if status in (408, 429) or status >= 500:
         raise TransientError(
-            f"POST {url} answered HTTP {status}: {snippet}", retry_after=retry_after
+            f"POST {safe_url} answered HTTP {status}: {snippet}", retry_after=retry_after
         )
-    raise PermanentError(f"POST {url} answered HTTP {status}: {snippet}")
+    raise PermanentError(f"POST {safe_url} answered HTTP {status}: {snippet}")
 
 
 async def log_action(ctx: ActionContext) -> str | None:
-    """Log the step (attribute names only: values may be personal data)."""
+    """Log the step (names only: param and attribute values may be secrets or personal data)."""
     log.info(
         "log action",
-        extra={"params": dict(ctx.params), "attribute_names": sorted(ctx.attributes)},
+        extra={"param_names": sorted(ctx.params), "attribute_names": sorted(ctx.attributes)},
     )
     outcome = ctx.params.get("outcome")
     return outcome if isinstance(outcome, str) else None

@@ -62,6 +62,8 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise InvalidRequest(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"{path}: cannot read: {exc}") from None
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"{path}: not valid JSON: {exc}") from None
 
@@ -88,6 +90,8 @@ def _contacts(path: Path) -> Iterator[dict[str, Any]]:
         handle = path.open()
     except FileNotFoundError:
         raise InvalidRequest(f"{path}: no such file") from None
+    except OSError as exc:
+        raise InvalidRequest(f"{path}: cannot read: {exc}") from None
     with handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():

@@ -54,7 +54,8 @@ def make_hooks(settings: Settings, actions: ActionRegistry) -> tuple[Any, Any]:
         )
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
-        session = ctx.get("http")
+        ctx["shutdown_done"] = True
+        session = ctx.pop("http", None)
         if session is not None:
             await session.close()
 

@@ -57,6 +57,14 @@ def _annotate(target: JobTarget, node: str | None, step: int, attempt: int | Non
             span.set_attribute("campaign.attempt", int(attempt))
 
 
+def _budget(ctx: dict[str, Any]) -> float:
+    """Time a job may take before we give up on it ourselves. arq's own job timeout would
+    *fail* the job and drop it, leaving the enrollment active with no job; ending first
+    with ``Retry`` makes arq run it again instead."""
+    settings: Settings = ctx["settings"]
+    return max(0.1, settings.job_timeout * 0.95)
+
+
 def _call_timeout(node: ActionNode, settings: Settings) -> float:
     """A handler must finish well inside the arq job timeout: if arq cut the job off, the
     enrollment would stay 'running' until the job was re-run."""
@@ -83,9 +91,13 @@ async def run_step(
         enrollment_id=enrollment_id, campaign_id=campaign, node=node, step=step, attempt=attempt
     ):
         try:
-            return await _run_step(ctx, target, int(step), int(attempt), node)
+            async with asyncio.timeout(_budget(ctx)):
+                return await _run_step(ctx, target, int(step), int(attempt), node)
         except (Retry, asyncio.CancelledError):
             raise
+        except TimeoutError:
+            log.error("step took too long (Redis stalled?); arq will re-run the job")
+            raise Retry(defer=_BOOKKEEPING_RETRY_SECONDS) from None
         except Exception:
             log.exception("step bookkeeping failed; arq will re-run the job")
             raise Retry(defer=_BOOKKEEPING_RETRY_SECONDS) from None
@@ -112,14 +124,15 @@ async def _run_step(
     cal = campaign.calendar_for(target.timezone)
     if cal is not None and campaign.uses_business_hours(node) and not cal.is_open(now):
         run_at = cal.next_open_spread(now, target.enrollment_id)
-        result = await service.defer(target, node=node_id or "", step=step,
-                                     attempt=attempt, run_at=run_at)  # fmt: skip
+        result = await service.defer(target, node=node_id or "", step=step, attempt=attempt,
+                                     run_at=run_at, job_id=ctx.get("job_id"))  # fmt: skip
         if result.ok:
             log.info("outside business hours: deferred", extra={"run_at": run_at.isoformat()})
             return "rescheduled"
         return "stale"
 
-    code, record = await service.store.claim(target.enrollment_id, step, attempt, node_id)
+    code, record = await service.store.claim(target.enrollment_id, step, attempt, node_id,
+                                             job_id=ctx.get("job_id"))  # fmt: skip
     if code <= 0:
         log.info("stale step job", extra={"current": record})
         return "stale"
@@ -270,12 +283,18 @@ async def fire_timeout(
     _annotate(target, node, step, None)
     with bind(enrollment_id=enrollment_id, campaign_id=campaign, node=node, step=step):
         try:
-            result = await service.fire_timeout(target, node=node, step=int(step))
+            async with asyncio.timeout(_budget(ctx)):
+                result = await service.fire_timeout(target, node=node, step=int(step))
         except (Retry, asyncio.CancelledError):
             raise
-        except CampaignNotFound:
+        except TimeoutError:
+            log.error("timeout job took too long (Redis stalled?); arq will re-run it")
+            raise Retry(defer=_BOOKKEEPING_RETRY_SECONDS) from None
+        except CampaignNotFound as exc:
             log.error("timeout for a campaign version that no longer exists")
-            return "stale"
+            failed = await service.fail(target, node=node, step=int(step), attempt=None,
+                                        error=error_info(exc), expect_state=State.WAITING)  # fmt: skip
+            return "failed" if failed.ok else "stale"
         except Exception:
             log.exception("timeout bookkeeping failed; arq will re-run the job")
             raise Retry(defer=_BOOKKEEPING_RETRY_SECONDS) from None

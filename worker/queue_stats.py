@@ -20,7 +20,8 @@ from worker.metrics import Metrics, metrics
 __all__ = ["HEARTBEAT_STALE_SECONDS", "QueueStats", "workers_key"]
 
 HEARTBEAT_STALE_SECONDS = 30.0
-_OLDEST_PROBE = 50  # due jobs inspected to find the oldest one not yet running
+_OLDEST_PROBE = 50  # due jobs inspected, beyond the running ones, to find one not started
+_OLDEST_PROBE_MAX = 5000
 
 
 def workers_key(keys: Keys) -> str:
@@ -54,7 +55,6 @@ class QueueStats:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zcount(queue, "-inf", now_ms)
             pipe.zcount(queue, f"({now_ms}", "+inf")
-            pipe.zrangebyscore(queue, "-inf", now_ms, start=0, num=_OLDEST_PROBE, withscores=True)
             pipe.llen(self.keys.poison)
             pipe.zcount(workers_key(self.keys), now - HEARTBEAT_STALE_SECONDS, "+inf")
             pipe.info("memory")
@@ -62,14 +62,13 @@ class QueueStats:
                 for state in State:
                     pipe.scard(self.keys.state_index(cid, state.value))
             results = await pipe.execute()
-        due, deferred, oldest, dead, alive, memory = results[:6]
+        due, deferred, dead, alive, memory = results[:5]
         self.metrics.redis_memory.labels(kind="used").set(int(memory.get("used_memory", 0)))
         self.metrics.redis_memory.labels(kind="max").set(int(memory.get("maxmemory", 0)))
         self.metrics.queue_jobs.labels(state="deferred").set(deferred)
-        self.metrics.oldest_due_age.set(await self._oldest_waiting_age(oldest, now))
         self.metrics.dead_letters.set(dead)
         self.metrics.workers_alive.set(alive)
-        counts = iter(results[6:])
+        counts = iter(results[5:])
         running = 0
         for cid in campaigns:
             for state in State:
@@ -80,21 +79,28 @@ class QueueStats:
         self.metrics.queue_jobs.labels(state="in_progress").set(running)
         # arq keeps a running job in its queue until it ends: those are not waiting.
         self.metrics.queue_jobs.labels(state="due").set(max(0, due - running))
+        self.metrics.oldest_due_age.set(await self._oldest_waiting_age(now_ms, running))
 
-    async def _oldest_waiting_age(self, oldest: list[tuple[bytes, float]], now: float) -> float:
-        """Age of the oldest due job that has not started (running jobs stay in the queue)."""
+    async def _oldest_waiting_age(self, now_ms: int, running: int) -> float:
+        """Age of the oldest due job that has not started. Running jobs stay in arq's queue
+        and may be the oldest, so look past as many as are running."""
+        probe = min(running + _OLDEST_PROBE, _OLDEST_PROBE_MAX)
+        oldest = await self.redis.zrangebyscore(
+            self.settings.queue_name, "-inf", now_ms, start=0, num=probe, withscores=True
+        )
         if not oldest:
             return 0.0
+        now = now_ms / 1000
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id, _ in oldest:
                 pipe.exists(
                     in_progress_key_prefix
                     + (job_id.decode() if isinstance(job_id, bytes) else job_id)
                 )
-            running = await pipe.execute()
-        for (_, score), busy in zip(oldest, running, strict=True):
+            started = await pipe.execute()
+        for (_, score), busy in zip(oldest, started, strict=True):
             if not busy:
-                return max(0.0, now - score / 1000)
+                return max(0.0, now - float(score) / 1000)
         return 0.0
 
     def hook(self) -> Callable[[], Awaitable[None]]:

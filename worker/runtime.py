@@ -22,7 +22,14 @@ from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix
 from arq.utils import timestamp_ms
 from arq.worker import Function, Worker
-from redis.exceptions import ResponseError, WatchError
+from redis.exceptions import (
+    BusyLoadingError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    WatchError,
+)
 
 from app import __version__, serialization
 from app.connection import REDIS_DOWN_ERRORS, create_redis, wait_for_redis
@@ -42,6 +49,11 @@ log = logging.getLogger("worker.runtime")
 Hook = Callable[[dict[str, Any]], Awaitable[None]]
 
 POISON_KEEP = 1000
+#: Errors that pause the worker loop until Redis works again: unreachable, and also up but
+#: unable to take writes (a read-only replica after a failover, out of memory, loading).
+PAUSE_ERRORS: tuple[type[BaseException], ...] = (
+    *REDIS_DOWN_ERRORS, ReadOnlyError, OutOfMemoryError, BusyLoadingError,
+)  # fmt: skip
 HEARTBEAT_EVERY = 5.0
 
 
@@ -64,14 +76,17 @@ class SupervisedWorker(Worker):
         self.worker_id = worker_id
         self.stopping = asyncio.Event()
         self._last_beat = 0.0
+        self._failures = 0
 
     async def _poll_iteration(self) -> None:
         try:
             await super()._poll_iteration()
             await self._beat()
-        except REDIS_DOWN_ERRORS as exc:
+        except PAUSE_ERRORS as exc:
+            self._failures += 1
             await self._wait_out_outage(exc)
         else:
+            self._failures = 0
             self.health.polled()
             metrics.heartbeat.set(self.health.last_poll)
             metrics.redis_up.set(1)
@@ -96,6 +111,11 @@ class SupervisedWorker(Worker):
         def attempt(n: int, err: BaseException) -> None:
             log.warning("waiting for redis", extra={"attempt": n, "error": repr(err)})
 
+        # A server that answers PING but refuses writes (read-only replica after a
+        # failover, out of memory) would otherwise make this a busy loop.
+        pause = min(0.1 * 2 ** min(self._failures, 10), self.backoff_max)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), pause)
         if await wait_for_redis(
             self.pool, backoff_max=self.backoff_max, stop=self.stopping, on_attempt=attempt
         ):
@@ -334,7 +354,7 @@ async def _drain(worker: SupervisedWorker, health: Health, grace: float) -> None
         _done, pending = await asyncio.wait(running, timeout=grace)
         if pending:
             log.warning("grace period over, cancelling jobs", extra={"cancelled": len(pending)})
-    with contextlib.suppress(*REDIS_DOWN_ERRORS):
+    with contextlib.suppress(RedisError, *REDIS_DOWN_ERRORS):
         await worker.pool.zrem(workers_key(worker.keys), worker.worker_id)
     await _close_worker(worker)
     log.info(
@@ -350,5 +370,10 @@ async def _drain(worker: SupervisedWorker, health: Health, grace: float) -> None
 async def _close_worker(worker: SupervisedWorker) -> None:
     # close() cancels what still runs and waits for arq to re-queue it; a job cancelled in
     # the middle of its own bookkeeping surfaces as CancelledError here, which is expected.
-    with contextlib.suppress(asyncio.CancelledError, *REDIS_DOWN_ERRORS):
+    with contextlib.suppress(asyncio.CancelledError, RedisError, *REDIS_DOWN_ERRORS):
         await worker.close()
+    # arq's close() runs on_shutdown only after a Redis call that fails when Redis is down
+    # or read-only: make sure our resources (the HTTP session) are released anyway.
+    if worker.on_shutdown is not None and not worker.ctx.get("shutdown_done"):
+        with contextlib.suppress(Exception):
+            await worker.on_shutdown(worker.ctx)

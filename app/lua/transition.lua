@@ -3,7 +3,8 @@
 --
 -- KEYS[1] enrollment hash   KEYS[2] history list   KEYS[3] arq queue (sorted set)
 -- ARGV[1] JSON operation:
---   expect      {states = {...}, step = n|nil, attempt = n|nil}   (nil step: any)
+--   expect      {states = {...}, step = n|nil, attempt = n|nil, job = id|nil}
+--               (nil: any; job: the record's current job must be this one)
 --   create      true to create the record (KEYS[1] must not exist unless reentry allows)
 --   reentry     with create: a terminal record may be replaced (its step must equal expect.step)
 --   set         {field = "value", ...}       unset {field, ...}
@@ -37,6 +38,7 @@ else
   end
   if op.expect.step ~= nil and op.expect.step ~= cjson.null and tonumber(step) ~= op.expect.step then ok = false end
   if op.expect.attempt ~= nil and op.expect.attempt ~= cjson.null and tonumber(attempt) ~= op.expect.attempt then ok = false end
+  if op.expect.job ~= nil and op.expect.job ~= cjson.null and redis.call('HGET', enr, 'job') ~= op.expect.job then ok = false end
   if not ok then return {0, state, tonumber(step)} end
 end
 

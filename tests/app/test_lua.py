@@ -56,6 +56,7 @@ async def create(
             "node": "a",
             "step": str(step),
             "attempt": str(attempt),
+            "job": f"step:{eid}:{step}:{attempt}",
         },
         history=[entry(state, "created")],
         add_job=add_job,
@@ -115,6 +116,7 @@ async def test_create_writes_record_history_index_and_job(
         "node": "a",
         "step": "1",
         "attempt": "1",
+        "job": f"step:{EID}:1:1",
     }
     assert [h["reason"] for h in await history(redis)] == ["created"]
     assert await indexed(redis) == ["scheduled"]
@@ -348,8 +350,9 @@ async def test_claim_of_a_running_record_is_a_crash_rerun(
     store: EnrollmentStore, redis: Any
 ) -> None:
     await create(store)
-    assert (await store.claim(EID, 1, 1, "a"))[0] == 1
-    code, record = await store.claim(EID, 1, 1, "a")  # arq re-ran the job: the worker died
+    job = (await store.record(EID) or {})["job"]
+    assert (await store.claim(EID, 1, 1, "a", job_id=job))[0] == 1
+    code, record = await store.claim(EID, 1, 1, "a", job_id=job)  # arq re-ran the job
     assert code == 2
     assert (record["state"], record["attempt"]) == ("running", "2")
     assert (await store.record(EID) or {})["attempt"] == "2"
@@ -357,7 +360,18 @@ async def test_claim_of_a_running_record_is_a_crash_rerun(
     last = (await history(redis))[-1]
     assert (last["from"], last["to"], last["attempt"]) == ("running", "running", 2)
     assert last["reason"] == "job re-run after a worker stopped mid-step"
-    assert (await store.claim(EID, 1, 1, "a"))[1]["attempt"] == "3"  # and again
+    # the same job dying again is another re-run
+    assert (await store.claim(EID, 1, 1, "a", job_id=job))[1]["attempt"] == "3"
+
+
+async def test_only_the_current_job_may_claim(store: EnrollmentStore, redis: Any) -> None:
+    await create(store)
+    job = (await store.record(EID) or {})["job"]
+    assert (await store.claim(EID, 1, 1, "a", job_id=job + "@123"))[0] == 0  # superseded
+    assert (await store.claim(EID, 1, 1, "a", job_id=job))[0] == 1
+    # a stale duplicate of another job of this step must not take over the running step
+    code, current = await store.claim(EID, 1, 1, "a", job_id="step:other:1:1")
+    assert code == 0 and current["state"] == "running" and current["attempt"] == "1"
 
 
 @pytest.mark.parametrize(

@@ -336,7 +336,8 @@ async def test_retry_in_business_hours_waits_for_the_opening(service: Scheduling
         TARGET, node="a", step=1, attempt=1, delay=timedelta(hours=2), error=error, now=FRI_16
     )
     assert applied.ok
-    assert (await queue(service))["step:c:x:1:2"] == ms(MON_OPEN)
+    # moved to the opening, and spread like any step due at an opening
+    assert (await queue(service))["step:c:x:1:2"] == ms(MON_OPEN + spread_offset("c:x", SPREAD))
 
 
 async def test_fail_keeps_the_error(service: SchedulingService) -> None:

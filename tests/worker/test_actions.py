@@ -141,3 +141,12 @@ def test_demo_runs_to_completion() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "failed                    0" in done.stdout
     assert "result: OK" in done.stdout
+
+
+async def test_urls_in_errors_carry_no_credentials_or_query() -> None:
+    async with aiohttp.ClientSession() as session:
+        url = f"http://bob:hunter2@127.0.0.1:{free_port()}/hook?api_key=SECRET123"
+        with pytest.raises(TransientError) as err:
+            await http_action(ctx_for(url, session))
+    assert "hunter2" not in str(err.value) and "SECRET123" not in str(err.value)
+    assert "/hook" in str(err.value)

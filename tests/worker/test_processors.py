@@ -368,3 +368,44 @@ async def test_every_job_line_carries_its_context(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_stalled_bookkeeping_is_rerun_not_stuck(
+    redis_server: EmbeddedRedis, client: CampaignClient
+) -> None:
+    from tests.conftest import ROOT
+
+    await client.register_campaign(campaign("stall", {
+        "first": {"type": "action", "action": "stall_redis_once", "next": "done"}}))  # fmt: skip
+    proc = WorkerProcess(redis_server.url, CAMPAIGN_JOB_TIMEOUT="1.5", CAMPAIGN_ACTIONS="tests.user_actions",
+                         PYTHONPATH=str(ROOT)).start()  # fmt: skip
+    try:
+        await proc.wait_status("/readyz", 200)
+        st = await client.enroll("stall", "a")
+        done = await wait_state(client, st.enrollment_id, State.COMPLETED, timeout=30)
+    finally:
+        assert proc.stop() == 0
+    assert any("re-run after a worker stopped" in r for r in reasons(done))
+    assert "step took too long (Redis stalled?); arq will re-run the job" in proc.messages()
+
+
+async def test_stale_jobs_cannot_defer_or_drop_the_current_one(client: CampaignClient) -> None:
+    await client.register_campaign(campaign("stale", {"first": http_like("first")},
+                                            business_hours={"weekly": {"mon": ["09:00-17:00"]}}))  # fmt: skip
+    monday = datetime(2026, 11, 30, 10, 0, tzinfo=UTC)
+    st = await client.service.enroll("stale", "a", now=monday)
+    target = JobTarget(st.enrollment_id, "stale", 1, None)
+    current = f"step:{st.enrollment_id}:1:1"
+    assert (await client.service.store.record(st.enrollment_id) or {})["job"] == current
+    late = await client.service.defer(target, node="first", step=1, attempt=1,
+                                      run_at=monday + timedelta(days=7), job_id=current + "@1")  # fmt: skip
+    assert not late.ok
+    dropped = await client.service.fail_lost_job(current + "@1", "expired")
+    assert dropped is not None and not dropped.ok
+    assert (await client.status(st.enrollment_id)).state == State.SCHEDULED
+    dropped = await client.service.fail_lost_job(current, "expired")
+    assert dropped is not None and dropped.ok
+
+
+def http_like(name: str) -> dict[str, Any]:
+    return {"type": "action", "action": "log", "next": "done"}

@@ -135,3 +135,25 @@ def _started(worker: WorkerProcess) -> bool:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_read_only_failover_pauses_then_resumes(
+    private_redis: EmbeddedRedis, tmp_path: Path
+) -> None:
+    primary = EmbeddedRedis(data_dir=tmp_path / "primary")
+    primary.start()
+    worker = WorkerProcess(private_redis.url, CAMPAIGN_REDIS_BACKOFF_MAX="0.3").start()
+    client = create_redis(Settings(redis_url=private_redis.url))  # type: ignore[arg-type]
+    try:
+        await worker.wait_status("/readyz", 200)
+        await client.execute_command("REPLICAOF", "127.0.0.1", str(primary.port))
+        body = await worker.wait_status("/readyz", 503)
+        assert "ReadOnlyError" in body["reason"]
+        await client.execute_command("REPLICAOF", "NO", "ONE")
+        await worker.wait_status("/readyz", 200)
+        await _answered(private_redis.url)
+        assert worker.proc is not None and worker.proc.poll() is None
+    finally:
+        await client.aclose()
+        assert worker.stop() == 0
+        primary.close()
