@@ -596,6 +596,14 @@ class SchedulingService:
                              now=now)  # fmt: skip
         return await self._apply(target.enrollment_id, tr)
 
+    async def is_superseded(self, job_id: str) -> bool:
+        """Whether a step or timeout job is no longer its enrollment's current job."""
+        parsed = parse_job_id(job_id)
+        if parsed is None:
+            return False
+        rows = await self.store.records([parsed[0]], "job")
+        return rows[0][0] != job_id
+
     async def fail_lost_job(self, job_id: str, reason: str) -> Applied | None:
         """arq dropped a step or timeout job without running it (undecodable, expired, too
         many tries): fail its enrollment if it still waits on that job, rather than leave it

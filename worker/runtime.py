@@ -167,6 +167,20 @@ class SupervisedWorker(Worker):
             with contextlib.suppress(Exception):
                 reason = str(orjson.loads(result_data).get("r"))
         raw = await self.pool.get(job_key_prefix + job_id)
+        service = self.ctx.get("service")
+        if (
+            raw is None
+            and "expired" in reason
+            and service is not None
+            and (await service.is_superseded(job_id))
+        ):
+            # A signal or cancel removed this job just as a worker picked it: a normal race,
+            # not a poison job (arq reports it as expired because its key is gone).
+            await super().finish_failed_job(job_id, result_data)
+            metrics.jobs.labels(function="run_step" if job_id.startswith("step:") else "fire_timeout",
+                                outcome="stale").inc()  # fmt: skip
+            log.info("job removed while being picked up: stale", extra={"job_id": job_id})
+            return
         entry = {
             "job_id": job_id,
             "reason": reason,
@@ -181,7 +195,6 @@ class SupervisedWorker(Worker):
         label = _poison_label(reason)
         metrics.poison_jobs.labels(reason=label).inc()
         log.error("poison job dropped from the queue", extra={"job_id": job_id, "reason": reason})
-        service = self.ctx.get("service")
         if service is not None:
             result = await service.fail_lost_job(job_id, reason)
             if result is not None and result.ok:

@@ -409,3 +409,26 @@ async def test_stale_jobs_cannot_defer_or_drop_the_current_one(client: CampaignC
 
 def http_like(name: str) -> dict[str, Any]:
     return {"type": "action", "action": "log", "next": "done"}
+
+
+async def test_job_removed_while_picked_is_stale_not_poison(
+    client: CampaignClient, svc: FakeService, worker: WorkerProcess, settings: Settings
+) -> None:
+    await client.register_campaign(campaign("race2", {"first": http("/ok", svc)}))
+    st = await client.service.enroll("race2", "a", now=datetime.now(UTC) + timedelta(hours=1))
+    job_id = f"step:{st.enrollment_id}:1:1"
+    assert await client.cancel(st.enrollment_id)
+    # What a worker sees when a cancel lands just after its poll read the queue: the id is
+    # still listed but the job key is gone.
+    await client.redis.zadd(settings.queue_name, {job_id: 1})
+    await eventually(
+        lambda: _gone(client, settings.queue_name, job_id), what="the job to be dropped"
+    )
+    assert await client.redis.llen(Keys(settings.key_prefix).poison) == 0
+    assert svc.calls_for(st.enrollment_id) == []
+    await eventually(lambda: _true(any(d.get("msg") == "job removed while being picked up: stale"
+                                       for d in worker.lines)), what="the stale log line")  # fmt: skip
+
+
+async def _gone(client: CampaignClient, queue: str, job_id: str) -> bool:
+    return await client.redis.zscore(queue, job_id) is None
