@@ -38,8 +38,8 @@ class Settings(BaseSettings):
     job_timeout: float = Field(
         default=60.0,
         gt=0,
-        description="Seconds a job may run before it is cancelled; a killed worker's job is "
-        "re-run after this plus 10 s",
+        description="Seconds a job may take (a step past 95 % of it is re-run; its handler "
+        "gets at most 80 %); a killed worker's job is re-run after this plus 10 s",
     )
     max_tries: int = Field(
         default=20,
