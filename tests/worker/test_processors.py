@@ -432,3 +432,30 @@ async def test_job_removed_while_picked_is_stale_not_poison(
 
 async def _gone(client: CampaignClient, queue: str, job_id: str) -> bool:
     return await client.redis.zscore(queue, job_id) is None
+
+
+async def test_step_cut_by_shutdown_grace_runs_again_elsewhere(
+    redis_server: EmbeddedRedis, client: CampaignClient, svc: FakeService
+) -> None:
+    await client.register_campaign(
+        campaign("drain", {"first": http("/hang", svc, retry=fast_retry(3, 0.05))})
+    )
+    first = WorkerProcess(redis_server.url, CAMPAIGN_SHUTDOWN_GRACE="0.5").start()
+    try:
+        await first.wait_status("/readyz", 200)
+        st = await client.enroll("drain", "a")
+        await asyncio.wait_for(svc.hung.wait(), 15)
+        first.signal()  # SIGTERM while the call is held open: grace runs out, the job is cancelled
+        assert first.wait(20) == 0
+    finally:
+        first.kill()
+    svc.release.set()
+    second = WorkerProcess(redis_server.url).start()
+    try:
+        done = await wait_state(client, st.enrollment_id, State.COMPLETED, timeout=20)
+    finally:
+        assert second.stop() == 0
+    calls = svc.calls_for(st.enrollment_id)
+    assert len(calls) == 2 and calls[0].key == calls[1].key
+    assert [h.to_state for h in done.history].count("completed") == 1
+    assert "grace period over, cancelling jobs" in first.messages()
