@@ -523,3 +523,18 @@ def test_parsers() -> None:
     assert stages[1].all("COPY")[0].flags == {"from": "b"}
     assert _dockerignored("a/__pycache__/x.pyc", ["**/__pycache__"])
     assert not _dockerignored("app/x.py", ["**/__pycache__", "tests"])
+
+
+def test_image_build_context_has_every_packaged_data_file() -> None:
+    """`pip install .` in the image needs every data file pyproject.toml ships."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[2]
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    data_files = project["tool"]["setuptools"]["data-files"]
+    dockerfile = (root / "Dockerfile.worker").read_text()
+    for files in data_files.values():
+        for name in files:
+            top = name.split("/", 1)[0]
+            assert f"COPY {top} " in dockerfile, f"Dockerfile.worker does not copy {top}/ ({name})"
+            assert (root / name).exists(), name
