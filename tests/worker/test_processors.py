@@ -459,3 +459,32 @@ async def test_step_cut_by_shutdown_grace_runs_again_elsewhere(
     assert len(calls) == 2 and calls[0].key == calls[1].key
     assert [h.to_state for h in done.history].count("completed") == 1
     assert "grace period over, cancelling jobs" in first.messages()
+
+
+async def test_endless_campaign_is_stopped_by_the_step_limit(
+    redis_server: EmbeddedRedis, client: CampaignClient, svc: FakeService
+) -> None:
+    await client.register_campaign({"id": "loop", "entry": "first", "nodes": {
+        "first": http("/ok", svc, "again"),
+        "again": {"type": "delay", "duration": 0, "next": "first"},
+    }})  # fmt: skip
+    proc = WorkerProcess(redis_server.url, CAMPAIGN_MAX_STEPS="9").start()
+    try:
+        await proc.wait_status("/readyz", 200)
+        st = await client.enroll("loop", "a")
+        failed = await wait_state(client, st.enrollment_id, State.FAILED)
+    finally:
+        assert proc.stop() == 0
+    assert failed.error is not None and failed.error.type == "StepLimitExceeded"
+    assert "CAMPAIGN_MAX_STEPS" in failed.error.message
+    assert failed.step == 10 and len(svc.calls_for(st.enrollment_id)) == 5  # steps 1, 3, 5, 7, 9
+
+
+async def test_zero_delay_cycle_fails_at_enrollment(settings: Settings, redis: Any) -> None:
+    async with CampaignClient(settings=settings.model_copy(update={"max_steps": 20})) as c:
+        await c.register_campaign({"id": "spin", "entry": "d1", "nodes": {
+            "d1": {"type": "delay", "duration": 0, "next": "d2"},
+            "d2": {"type": "delay", "duration": 0, "next": "d1"}}})  # fmt: skip
+        st = await c.enroll("spin", "a")
+    assert st.state == State.FAILED and st.error is not None
+    assert st.error.type == "StepLimitExceeded" and st.step == 21
