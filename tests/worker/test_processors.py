@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -300,7 +299,6 @@ async def test_killed_worker_step_reruns_with_same_key(
     finally:
         first.kill()
     svc.release.set()  # the next call answers at once
-    started = time.monotonic()
     second = WorkerProcess(redis_server.url, **env).start()
     try:
         done = await wait_state(client, st.enrollment_id, State.COMPLETED, timeout=30)
@@ -310,7 +308,6 @@ async def test_killed_worker_step_reruns_with_same_key(
     assert len(calls) == 2 and calls[0].key == calls[1].key == f"{st.enrollment_id}:1"
     assert any("re-run after a worker stopped" in r for r in reasons(done))
     assert [h.to_state for h in done.history].count("completed") == 1
-    assert time.monotonic() - started < 25
 
 
 async def test_dropped_step_job_fails_its_enrollment(
