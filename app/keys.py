@@ -35,10 +35,11 @@ class Keys:
         """List of one enrollment's transitions, newest last, capped."""
         return f"{self.prefix}:hist:{enrollment_id}"
 
+    @property
+    def workers(self) -> str:
+        """Sorted set of worker ids scored by their last heartbeat (epoch seconds)."""
+        return f"{self.prefix}:workers"
+
     def state_index(self, campaign_id: str, state: str) -> str:
         """Set of enrollment ids of a campaign in a state."""
         return f"{self.prefix}:idx:{campaign_id}:{state}"
-
-    def worker(self, worker_id: str) -> str:
-        """Per-worker heartbeat key (expires when the worker stops beating)."""
-        return f"{self.prefix}:worker:{worker_id}"

@@ -26,7 +26,7 @@ _OLDEST_PROBE_MAX = 5000
 
 def workers_key(keys: Keys) -> str:
     """Sorted set of worker ids scored by their last heartbeat (epoch seconds)."""
-    return f"{keys.prefix}:workers"
+    return keys.workers
 
 
 class QueueStats:
