@@ -7,6 +7,7 @@ client both go through this service, so the rules live in one place.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import traceback as tb
 from collections.abc import Callable, Coroutine, Iterable, Mapping
@@ -113,7 +114,11 @@ def parse_job_id(job_id: str) -> tuple[str, int] | None:
     """(enrollment id, step) of a step or timeout job id, else None."""
     try:
         if job_id.startswith("step:"):
-            eid, step, _attempt = job_id[5:].split("@", 1)[0].rsplit(":", 2)
+            rest = job_id[5:]
+            base, sep, tail = rest.rpartition("@")
+            if sep and tail.isdigit():  # a deferral suffix; contact ids may contain '@'
+                rest = base
+            eid, step, _attempt = rest.rsplit(":", 2)
             return eid, int(step)
         if job_id.startswith("timeout:"):
             eid, step = job_id[8:].rsplit(":", 1)
@@ -135,6 +140,9 @@ class JobTarget:
     campaign_id: str
     version: int
     timezone: str | None
+    #: The step this enrollment started after: steps keep growing across re-entries (so
+    #: job ids stay unique), and the step limit counts from here.
+    base_step: int = 0
 
     def kwargs(self, node: str | None) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -143,6 +151,8 @@ class JobTarget:
             "node": node,
             "tz": self.timezone,
         }
+        if self.base_step:
+            out["base"] = self.base_step
         carrier = current_carrier()
         if carrier:
             out["otel"] = carrier
@@ -204,7 +214,7 @@ class SchedulingService:
             if count_first or not first:
                 s += 1
             first = False
-            if s > self.settings.max_steps:
+            if s - target.base_step > self.settings.max_steps:
                 return self._step_limit(node_id, s, notes)
             if node_id is None:
                 return Plan(State.COMPLETED, None, s, _join(notes, "next: null"))
@@ -245,7 +255,7 @@ class SchedulingService:
                 continue
             # The delay has no job of its own: the node after it is scheduled at `until`.
             s += 1
-            if s > self.settings.max_steps:
+            if s - target.base_step > self.settings.max_steps:
                 return self._step_limit(node.next, s, notes)
             nxt = node.next
             run_at = until
@@ -394,9 +404,11 @@ class SchedulingService:
         base_step: int,
         now: datetime,
     ) -> Transition:
+        target = dataclasses.replace(target, base_step=base_step)
         plan = self.plan(campaign, target, campaign.entry, base_step, now, reason="enrolled")
         at = str(_ms(now))
         extra = {
+            "base_step": str(base_step),
             "campaign": campaign.id,
             "contact": contact_id,
             "version": str(campaign.version),
@@ -596,6 +608,14 @@ class SchedulingService:
                              now=now)  # fmt: skip
         return await self._apply(target.enrollment_id, tr)
 
+    async def is_pending_on(self, job_id: str) -> bool:
+        """Whether an active enrollment still has ``job_id`` as its current job."""
+        parsed = parse_job_id(job_id)
+        if parsed is None:
+            return False
+        state, job = (await self.store.records([parsed[0]], "state", "job"))[0]
+        return state in _ACTIVE and job == job_id
+
     async def is_superseded(self, job_id: str) -> bool:
         """Whether a step or timeout job is no longer its enrollment's current job."""
         parsed = parse_job_id(job_id)
@@ -631,19 +651,36 @@ class SchedulingService:
     @_traced("defer")
     async def defer(
         self, target: JobTarget, *, node: str, step: int, attempt: int, run_at: datetime,
-        job_id: str | None = None, now: datetime | None = None,
+        job_id: str | None = None, expect_attempt: int | None = None,
+        now: datetime | None = None,
     ) -> Applied:  # fmt: skip
-        """A step job found its business-hours window closed: run it at ``run_at`` instead."""
+        """A step job found its business-hours window closed: run it at ``run_at`` instead,
+        as ``attempt``. Only the record's current job (``job_id``) may defer it; finding it
+        'running' means a worker died mid-step and arq re-ran that job."""
         now = now or datetime.now(UTC)
         job = self._step_job(target, node, step, attempt, run_at, now, deferred=True)
         plan = Plan(State.SCHEDULED, node, step, "outside business hours: deferred to the next opening",
                     run_at=run_at, job=job)  # fmt: skip
-        # Only the record's current job may defer it. Finding it 'running' means a worker
-        # died mid-step and arq re-ran that job: it waits for the opening too.
         tr = self.transition(plan, from_state=State.SCHEDULED,
                              expect_states=(State.SCHEDULED, State.RUNNING), expect_step=step,
-                             expect_attempt=None if job_id else attempt, expect_job=job_id,
-                             attempt=attempt, now=now)  # fmt: skip
+                             expect_attempt=expect_attempt if job_id else attempt,
+                             expect_job=job_id, attempt=attempt, now=now)  # fmt: skip
+        return await self._apply(target.enrollment_id, tr)
+
+    async def release(
+        self, target: JobTarget, *, node: str | None, step: int, attempt: int, job_id: str | None
+    ) -> Applied:
+        """running -> scheduled for the same job and attempt: the worker is shutting down and
+        arq puts the job back in the queue, so the step has not been used up."""
+        now = datetime.now(UTC)
+        entry = {"at": _ms(now), "from": State.RUNNING.value, "to": State.SCHEDULED.value,
+                 "node": node, "step": step, "attempt": attempt,
+                 "reason": "worker shutting down: step handed back"}  # fmt: skip
+        tr = Transition(
+            expect_states=(State.RUNNING,), expect_step=step, expect_attempt=attempt,
+            expect_job=job_id, set={"state": State.SCHEDULED.value, "updated_at": str(_ms(now))},
+            history=[entry],
+        )  # fmt: skip
         return await self._apply(target.enrollment_id, tr)
 
     @_traced("timeout")
@@ -674,8 +711,9 @@ class SchedulingService:
         except CampaignNotFound as exc:
             raise EnrollmentNotFound(f"enrollment {enrollment_id!r}: {exc}") from None
         target = JobTarget(
-            enrollment_id, campaign.id, int(rec["version"]), rec.get("timezone") or None
-        )
+            enrollment_id, campaign.id, int(rec["version"]), rec.get("timezone") or None,
+            int(rec.get("base_step") or 0),
+        )  # fmt: skip
         return rec, campaign, target
 
     @_traced("signal")
@@ -719,14 +757,18 @@ class SchedulingService:
             step = int(rec["step"])
             plan = Plan(State.CANCELLED, rec.get("node") or None, step,
                         f"cancelled: {reason}" if reason else "cancelled")  # fmt: skip
+            # Expect the job we remove to still be the current one: a worker may have
+            # retried or deferred the step (same state and step, new job) since we read it.
             tr = self.transition(
                 plan, from_state=rec["state"], expect_states=(rec["state"],), expect_step=step,
-                attempt=int(rec.get("attempt") or 1), now=now,
+                expect_job=rec.get("job") or None, attempt=int(rec.get("attempt") or 1), now=now,
                 remove_jobs=[j for j in (rec.get("job"),) if j],
             )  # fmt: skip
             if (await self._apply(enrollment_id, tr)).ok:
                 return True
-        return False
+        raise InvalidRequest(
+            f"enrollment {enrollment_id!r} kept changing while cancelling; try again"
+        )
 
     @_traced("replay")
     async def replay(self, enrollment_id: str) -> EnrollmentStatus:

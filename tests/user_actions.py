@@ -24,3 +24,14 @@ async def stall_redis_once(ctx: ActionContext) -> str | None:
         await client.execute_command("CLIENT", "PAUSE", "2500", "WRITE")
         await client.aclose()
     return None
+
+
+@action("block_loop_once")
+async def block_loop_once(ctx: ActionContext) -> str | None:
+    """On the first attempt, block the event loop (a synchronous call in an async handler)
+    for longer than the job may take, so arq's own job timeout fires."""
+    if ctx.attempt == 1:
+        import time
+
+        time.sleep(1.3)
+    return None

@@ -221,9 +221,14 @@ async def http_action(ctx: ActionContext) -> str | None:
             span.set_attribute("error.type", "timeout")
             span.set_status(Status(StatusCode.ERROR, "timeout"))
             raise TransientError(f"POST {safe_url} timed out after {ctx.timeout:g}s") from None
-        except aiohttp.ClientError as exc:
+        except aiohttp.InvalidURL as exc:
             span.set_attribute("error.type", type(exc).__name__)
-            span.set_status(Status(StatusCode.ERROR, str(exc)[:200]))
+            span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            raise PermanentError(f"POST {safe_url}: invalid URL") from None
+        except aiohttp.ClientError as exc:
+            # The exception's text may hold the raw URL (credentials, query): name its type only.
+            span.set_attribute("error.type", type(exc).__name__)
+            span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
             raise TransientError(f"POST {safe_url} failed: {type(exc).__name__}") from None
         span.set_attribute("http.response.status_code", status)
         if status >= 400:

@@ -20,6 +20,10 @@ __all__ = ["OUTCOMES", "instrument", "instrument_all"]
 
 log = logging.getLogger("worker.jobs")
 
+#: Ids of jobs that ended by cancellation or an unexpected exception. The runtime checks
+#: these before arq deletes them (see SupervisedWorker.finish_job).
+ABNORMAL_ENDS: set[str] = set()
+
 #: Jobs whose span links to its producer instead of continuing its trace (see consumer_span).
 LINK_ONLY = frozenset({"fire_timeout"})
 
@@ -76,6 +80,10 @@ def instrument(function: Function) -> Function:
                 raise
             except asyncio.CancelledError:
                 outcome = "cancelled"
+                ABNORMAL_ENDS.add(str(ctx.get("job_id")))
+                raise
+            except Exception:
+                ABNORMAL_ENDS.add(str(ctx.get("job_id")))
                 raise
             finally:
                 duration = time.time() - start

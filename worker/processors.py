@@ -82,10 +82,11 @@ async def run_step(
     version: int,
     node: str | None,
     tz: str | None = None,
+    base: int = 0,
     otel: dict[str, str] | None = None,
 ) -> str:
     """Execute one step job; returns the outcome label for metrics."""
-    target = JobTarget(enrollment_id, campaign, int(version), tz)
+    target = JobTarget(enrollment_id, campaign, int(version), tz, int(base))
     _annotate(target, node, step, attempt)
     with bind(
         enrollment_id=enrollment_id, campaign_id=campaign, node=node, step=step, attempt=attempt
@@ -123,13 +124,8 @@ async def _run_step(
     now = datetime.now(UTC)
     cal = campaign.calendar_for(target.timezone)
     if cal is not None and campaign.uses_business_hours(node) and not cal.is_open(now):
-        run_at = cal.next_open_spread(now, target.enrollment_id)
-        result = await service.defer(target, node=node_id or "", step=step, attempt=attempt,
-                                     run_at=run_at, job_id=ctx.get("job_id"))  # fmt: skip
-        if result.ok:
-            log.info("outside business hours: deferred", extra={"run_at": run_at.isoformat()})
-            return "rescheduled"
-        return "stale"
+        return await _defer(ctx, service, target, node_id or "", node, step,
+                            cal.next_open_spread(now, target.enrollment_id))  # fmt: skip
 
     code, record = await service.store.claim(target.enrollment_id, step, attempt, node_id,
                                              job_id=ctx.get("job_id"))  # fmt: skip
@@ -157,8 +153,52 @@ async def _run_step(
                     target, node=node_id, step=step, attempt=attempt, error=error
                 )
                 return "failed" if result.ok else "stale"
-        return await _call_action(ctx, service, settings, campaign, target, node_id or "", node,
-                                  step, attempt, record)  # fmt: skip
+        try:
+            return await _call_action(ctx, service, settings, campaign, target, node_id or "",
+                                      node, step, attempt, record)  # fmt: skip
+        except asyncio.CancelledError:
+            stopping = ctx.get("stopping")
+            if stopping is not None and stopping.is_set():
+                # Cut off by the shutdown grace: arq re-queues the job; hand the step back
+                # so the next worker runs it as the same attempt, not as a crash re-run.
+                await asyncio.shield(service.release(target, node=node_id, step=step,
+                                                     attempt=attempt, job_id=ctx.get("job_id")))  # fmt: skip
+            raise
+
+
+async def _defer(
+    ctx: dict[str, Any],
+    service: SchedulingService,
+    target: JobTarget,
+    node_id: str,
+    node: ActionNode,
+    step: int,
+    run_at: datetime,
+) -> str:
+    """The window is closed: move the step to ``run_at``, keeping its attempt count (a
+    crash re-run found here still counts as an attempt)."""
+    job_id = ctx.get("job_id")
+    rec = await service.store.record(target.enrollment_id)
+    if (
+        rec is None
+        or rec.get("job") != job_id
+        or rec.get("state") not in (State.SCHEDULED, State.RUNNING)
+        or int(rec.get("step", -1)) != step
+    ):
+        return "stale"
+    current = int(rec.get("attempt") or 1)
+    attempt = current + 1 if rec["state"] == State.RUNNING else current
+    if attempt > node.retry.max_attempts:
+        error = {"type": "WorkerLost", "message": f"worker stopped mid-step; {current} attempts used",
+                 "trace_id": _trace_id()}  # fmt: skip
+        result = await service.fail(target, node=node_id, step=step, attempt=current, error=error)
+        return "failed" if result.ok else "stale"
+    result = await service.defer(target, node=node_id, step=step, attempt=attempt, run_at=run_at,
+                                 job_id=job_id, expect_attempt=current)  # fmt: skip
+    if result.ok:
+        log.info("outside business hours: deferred", extra={"run_at": run_at.isoformat()})
+        return "rescheduled"
+    return "stale"
 
 
 async def _call_action(
@@ -275,11 +315,12 @@ async def fire_timeout(
     version: int,
     node: str,
     tz: str | None = None,
+    base: int = 0,
     otel: dict[str, str] | None = None,
 ) -> str:
     """A wait's deadline: follow ``on_timeout`` if the enrollment still waits at ``step``."""
     service: SchedulingService = ctx["service"]
-    target = JobTarget(enrollment_id, campaign, int(version), tz)
+    target = JobTarget(enrollment_id, campaign, int(version), tz, int(base))
     _annotate(target, node, step, None)
     with bind(enrollment_id=enrollment_id, campaign_id=campaign, node=node, step=step):
         try:

@@ -38,7 +38,7 @@ from app.models import State
 from app.settings import Settings
 from worker.health import Health
 from worker.http_server import HealthServer, build_app
-from worker.instrument import instrument_all
+from worker.instrument import ABNORMAL_ENDS, instrument_all
 from worker.metrics import metrics, prime
 from worker.queue_stats import QueueStats, workers_key
 
@@ -55,6 +55,7 @@ PAUSE_ERRORS: tuple[type[BaseException], ...] = (
     *REDIS_DOWN_ERRORS, ReadOnlyError, OutOfMemoryError, BusyLoadingError,
 )  # fmt: skip
 HEARTBEAT_EVERY = 5.0
+ABNORMAL_RETRY_MS = 5000
 
 
 class SupervisedWorker(Worker):
@@ -158,6 +159,34 @@ class SupervisedWorker(Worker):
             task = self.loop.create_task(self.run_job(job_id, int(score)))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task
+
+    async def finish_job(
+        self,
+        job_id: str,
+        finish: bool,
+        result_data: bytes | None,
+        result_timeout_s: float | None,
+        keep_result_forever: bool,
+        incr_score: int | None,
+        keep_in_progress: float | None,
+    ) -> None:
+        """arq's ``finish_job``, except that a campaign job ended by arq's own timeout (or an
+        exception that escaped it) while its enrollment still waits on it is put back in the
+        queue instead of deleted: deleting it would leave the enrollment active forever."""
+        if finish and job_id in ABNORMAL_ENDS:
+            ABNORMAL_ENDS.discard(job_id)
+            service = self.ctx.get("service")
+            if service is not None and await service.is_pending_on(job_id):
+                score = await self.pool.zscore(self.queue_name, job_id) or timestamp_ms()
+                delay = ABNORMAL_RETRY_MS + max(0, timestamp_ms() - int(score))
+                log.error("job ended abnormally while its enrollment still waits on it: re-queued",
+                          extra={"job_id": job_id})  # fmt: skip
+                await super().finish_job(job_id, False, None, result_timeout_s,
+                                         keep_result_forever, delay, keep_in_progress)  # fmt: skip
+                return
+        ABNORMAL_ENDS.discard(job_id)
+        await super().finish_job(job_id, finish, result_data, result_timeout_s,
+                                 keep_result_forever, incr_score, keep_in_progress)  # fmt: skip
 
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
         """Jobs that fail before running (undecodable, unknown function, expired, too many
@@ -319,6 +348,7 @@ async def run_worker(
             ctx={**(ctx or {}), "settings": settings, "worker_id": worker_id},
             **worker_options(settings),
         )
+        worker.ctx["stopping"] = worker.stopping  # jobs can tell a drain from other cancels
         worker.main_task = main_task = asyncio.create_task(worker.main())
         health.worker_running = True
         log.info(

@@ -150,3 +150,10 @@ async def test_urls_in_errors_carry_no_credentials_or_query() -> None:
             await http_action(ctx_for(url, session))
     assert "hunter2" not in str(err.value) and "SECRET123" not in str(err.value)
     assert "/hook" in str(err.value)
+
+
+async def test_an_invalid_url_is_permanent_and_not_echoed() -> None:
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(PermanentError) as err:
+            await http_action(ctx_for("http://user:s3cret@:8080/hook?token=abc", session))
+    assert "s3cret" not in str(err.value) and "token" not in str(err.value)

@@ -14,7 +14,7 @@ from arq.constants import job_key_prefix
 from app import CampaignClient
 from app.keys import Keys
 from app.models import State
-from app.scheduling import JobTarget, timeout_job_id
+from app.scheduling import JobTarget, Plan, timeout_job_id
 from app.settings import Settings
 from tests.fake_service import FakeService
 from tests.helpers import WorkerProcess, eventually
@@ -333,6 +333,8 @@ def test_parse_job_id() -> None:
     assert parse_job_id(step_job_id("c:x", 3, 2, 1700000000000)) == ("c:x", 3)
     assert parse_job_id(timeout_job_id("c:x", 9)) == ("c:x", 9)
     assert parse_job_id("ping:abc") is None and parse_job_id("step:bad") is None
+    assert parse_job_id(step_job_id("c:ann@example.com", 4, 1)) == ("c:ann@example.com", 4)
+    assert parse_job_id(step_job_id("c:ann@example.com", 4, 1, 17)) == ("c:ann@example.com", 4)
 
 
 async def test_every_job_line_carries_its_context(
@@ -435,7 +437,8 @@ async def test_step_cut_by_shutdown_grace_runs_again_elsewhere(
     redis_server: EmbeddedRedis, client: CampaignClient, svc: FakeService
 ) -> None:
     await client.register_campaign(
-        campaign("drain", {"first": http("/hang", svc, retry=fast_retry(3, 0.05))})
+        # one attempt only: a deploy must not use it up
+        campaign("drain", {"first": http("/hang", svc, retry=fast_retry(1, 0.05))})
     )
     first = WorkerProcess(redis_server.url, CAMPAIGN_SHUTDOWN_GRACE="0.5").start()
     try:
@@ -456,6 +459,8 @@ async def test_step_cut_by_shutdown_grace_runs_again_elsewhere(
     assert len(calls) == 2 and calls[0].key == calls[1].key
     assert [h.to_state for h in done.history].count("completed") == 1
     assert "grace period over, cancelling jobs" in first.messages()
+    assert any("step handed back" in r for r in reasons(done))
+    assert not any("re-run after a worker stopped" in r for r in reasons(done))
 
 
 async def test_endless_campaign_is_stopped_by_the_step_limit(
@@ -485,3 +490,61 @@ async def test_zero_delay_cycle_fails_at_enrollment(settings: Settings, redis: A
         st = await c.enroll("spin", "a")
     assert st.state == State.FAILED and st.error is not None
     assert st.error.type == "StepLimitExceeded" and st.step == 21
+
+
+async def test_blocked_loop_past_job_timeout_requeues_not_drops(
+    redis_server: EmbeddedRedis, client: CampaignClient
+) -> None:
+    from tests.conftest import ROOT
+
+    await client.register_campaign(campaign("block", {
+        "first": {"type": "action", "action": "block_loop_once", "next": "done"}}))  # fmt: skip
+    proc = WorkerProcess(redis_server.url, CAMPAIGN_JOB_TIMEOUT="1", CAMPAIGN_ACTIONS="tests.user_actions",
+                         PYTHONPATH=str(ROOT)).start()  # fmt: skip
+    try:
+        await proc.wait_status("/readyz", 200)
+        st = await client.enroll("block", "ann@example.com")
+        done = await wait_state(client, st.enrollment_id, State.COMPLETED, timeout=30)
+    finally:
+        assert proc.stop() == 0
+    assert any("re-run after a worker stopped" in r for r in reasons(done))
+    assert (
+        "job ended abnormally while its enrollment still waits on it: re-queued" in proc.messages()
+    )
+
+
+async def test_reentry_steps_do_not_count_toward_the_step_limit(
+    settings: Settings, redis: Any
+) -> None:
+    async with CampaignClient(settings=settings.model_copy(update={"max_steps": 4})) as c:
+        await c.register_campaign({"id": "again", "reentry": True, "entry": "w", "nodes": {
+            "w": {"type": "wait", "event": "go", "timeout": "P1D", "on_event": "done"},
+            "done": {"type": "exit"}}})  # fmt: skip
+        for round_ in range(5):
+            st = await c.enroll("again", "a")
+            assert st.state == State.WAITING, (round_, st.error)
+            assert await c.signal(st.enrollment_id, "go")
+            assert (await c.status(st.enrollment_id)).state == State.COMPLETED
+        assert (await c.status("again:a")).step == 10
+
+
+async def test_cancel_removes_a_job_made_after_it_read_the_record(
+    client: CampaignClient, settings: Settings
+) -> None:
+    await client.register_campaign(
+        campaign("cr", {"first": {"type": "action", "action": "log", "next": "done"}})
+    )
+    st = await client.enroll("cr", "a")
+    # a worker claims, fails and schedules attempt 2 between cancel's read and its write
+    rec, _, target = await client.service._load(st.enrollment_id)
+    await client.service.store.claim(st.enrollment_id, 1, 1, "first", job_id=rec["job"])
+    await client.service.retry(target, node="first", step=1, attempt=1, delay=timedelta(hours=1),
+                               error={"type": "X", "message": "y"})  # fmt: skip
+    stale = client.service.transition(
+        Plan(State.CANCELLED, "first", 1, "cancelled"), from_state="scheduled",
+        expect_states=("scheduled",), expect_step=1, expect_job=rec["job"], now=datetime.now(UTC),
+        remove_jobs=[rec["job"]],
+    )  # fmt: skip
+    assert not (await client.service.store.apply(st.enrollment_id, stale)).ok
+    assert await client.cancel(st.enrollment_id)
+    assert await client.redis.zscore(settings.queue_name, f"step:{st.enrollment_id}:1:2") is None
