@@ -369,22 +369,32 @@ async def _true(value: bool) -> bool:
     return value
 
 
-async def test_stalled_bookkeeping_is_rerun_not_stuck(
-    redis_server: EmbeddedRedis, client: CampaignClient
-) -> None:
+async def run_user_action_once(
+    redis_server: EmbeddedRedis, client: CampaignClient, action: str, job_timeout: str,
+    contact: str = "a",
+) -> tuple[Any, WorkerProcess]:  # fmt: skip
+    """One enrollment through a one-action campaign run by a real worker that loads
+    ``tests.user_actions``; returns its completed status and the worker (stopped)."""
     from tests.conftest import ROOT
 
-    await client.register_campaign(campaign("stall", {
-        "first": {"type": "action", "action": "stall_redis_once", "next": "done"}}))  # fmt: skip
-    proc = WorkerProcess(redis_server.url, CAMPAIGN_JOB_TIMEOUT="1.5", CAMPAIGN_ACTIONS="tests.user_actions",
-                         PYTHONPATH=str(ROOT)).start()  # fmt: skip
+    await client.register_campaign(campaign(action, {
+        "first": {"type": "action", "action": action, "next": "done"}}))  # fmt: skip
+    proc = WorkerProcess(redis_server.url, CAMPAIGN_JOB_TIMEOUT=job_timeout,
+                         CAMPAIGN_ACTIONS="tests.user_actions", PYTHONPATH=str(ROOT)).start()  # fmt: skip
     try:
         await proc.wait_status("/readyz", 200)
-        st = await client.enroll("stall", "a")
+        st = await client.enroll(action, contact)
         done = await wait_state(client, st.enrollment_id, State.COMPLETED, timeout=30)
     finally:
         assert proc.stop() == 0
     assert any("re-run after a worker stopped" in r for r in reasons(done))
+    return done, proc
+
+
+async def test_stalled_bookkeeping_is_rerun_not_stuck(
+    redis_server: EmbeddedRedis, client: CampaignClient
+) -> None:
+    _, proc = await run_user_action_once(redis_server, client, "stall_redis_once", "1.5")
     assert "step took too long (Redis stalled?); arq will re-run the job" in proc.messages()
 
 
@@ -495,19 +505,8 @@ async def test_zero_delay_cycle_fails_at_enrollment(settings: Settings, redis: A
 async def test_blocked_loop_past_job_timeout_requeues_not_drops(
     redis_server: EmbeddedRedis, client: CampaignClient
 ) -> None:
-    from tests.conftest import ROOT
-
-    await client.register_campaign(campaign("block", {
-        "first": {"type": "action", "action": "block_loop_once", "next": "done"}}))  # fmt: skip
-    proc = WorkerProcess(redis_server.url, CAMPAIGN_JOB_TIMEOUT="1", CAMPAIGN_ACTIONS="tests.user_actions",
-                         PYTHONPATH=str(ROOT)).start()  # fmt: skip
-    try:
-        await proc.wait_status("/readyz", 200)
-        st = await client.enroll("block", "ann@example.com")
-        done = await wait_state(client, st.enrollment_id, State.COMPLETED, timeout=30)
-    finally:
-        assert proc.stop() == 0
-    assert any("re-run after a worker stopped" in r for r in reasons(done))
+    _, proc = await run_user_action_once(redis_server, client, "block_loop_once", "1",
+                                         contact="ann@example.com")  # fmt: skip
     assert (
         "job ended abnormally while its enrollment still waits on it: re-queued" in proc.messages()
     )
