@@ -20,6 +20,12 @@ class ConfigError(Exception):
     """A setting has a bad value; the message names the variable and never echoes secrets."""
 
 
+#: Seconds between reconciler passes that divide a minute or an hour.
+RECONCILE_EVERY_ALLOWED: tuple[int, ...] = tuple(
+    [n for n in range(1, 61) if 60 % n == 0] + [n for n in range(120, 3601, 60) if 3600 % n == 0]
+)
+
+
 class Settings(BaseSettings):
     """Every setting of the client and the worker, with its default."""
 
@@ -33,7 +39,11 @@ class Settings(BaseSettings):
     key_prefix: str = Field(
         default="campaign", min_length=1, description="Prefix of every key this service writes"
     )
-    queue_name: str = Field(default="campaign:queue", min_length=1, description="arq queue name")
+    queue_name: str = Field(
+        default="",
+        description="arq's own queue (maintenance jobs such as ping and the reconciler); "
+        "default <prefix>:arq",
+    )
     max_jobs: int = Field(default=50, gt=0, le=10_000, description="Jobs one worker runs at once")
     job_timeout: float = Field(
         default=60.0,
@@ -67,7 +77,7 @@ class Settings(BaseSettings):
         default=20.0, ge=0, description="Seconds running jobs get to finish after SIGTERM"
     )
     redis_backoff_max: float = Field(
-        default=10.0, gt=0, description="Cap of the reconnect backoff in seconds"
+        default=2.0, gt=0, description="Cap of the reconnect backoff in seconds"
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Log level"
@@ -89,6 +99,51 @@ class Settings(BaseSettings):
     http_action_secret: SecretStr | None = Field(
         default=None, description="When set, http actions carry an HMAC-SHA256 signature header"
     )
+    http_allowed_hosts: str = Field(
+        default="",
+        description="Comma-separated hosts the http action may call (names, *.example.com, "
+        "CIDRs); empty: any host except link-local and metadata addresses",
+    )
+    http_max_response_bytes: int = Field(
+        default=1_048_576,
+        ge=1024,
+        le=104_857_600,
+        description="Bytes of an http action's response read at most",
+    )
+    lease: float = Field(
+        default=10.0,
+        ge=1,
+        le=300,
+        description="Seconds a running step's lease lasts; a step whose worker died is re-run "
+        "after this (renewed every lease/3 while it runs)",
+    )
+    reconcile_every: int = Field(
+        default=60,
+        description="Seconds between reconciler passes (re-creates missing jobs); must divide "
+        "a minute or an hour",
+    )
+    shards: int = Field(
+        default=1,
+        ge=1,
+        le=1024,
+        description="Hash-tag shards of the keyspace (Redis Cluster); recorded in Redis at "
+        "first start",
+    )
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _check_key_prefix(cls, value: str) -> str:
+        if any(ch in "{}" or ch.isspace() for ch in value):
+            raise ValueError("must not contain '{', '}' or whitespace")
+        return value
+
+    @field_validator("reconcile_every")
+    @classmethod
+    def _check_reconcile_every(cls, value: int) -> int:
+        if value not in RECONCILE_EVERY_ALLOWED:
+            allowed = ", ".join(str(n) for n in RECONCILE_EVERY_ALLOWED)
+            raise ValueError(f"must divide a minute or an hour, one of {allowed}")
+        return value
 
     @field_validator("redis_url")
     @classmethod
@@ -115,6 +170,11 @@ class Settings(BaseSettings):
             return cls(**overrides)  # type: ignore[arg-type]
         except ValidationError as exc:
             raise ConfigError(describe_validation_error(exc)) from None
+
+    @property
+    def arq_queue(self) -> str:
+        """arq's own queue: ``queue_name`` when set, else ``<key_prefix>:arq``."""
+        return self.queue_name or f"{self.key_prefix}:arq"
 
     def redacted_redis_url(self) -> str:
         """The Redis URL with any password replaced, safe for logs."""
