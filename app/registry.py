@@ -11,7 +11,7 @@ from arq.connections import ArqRedis
 from app.campaigns import Campaign, parse_campaign
 from app.errors import CampaignNotFound
 from app.keys import Keys
-from app.store import _script
+from app.store import load_script
 
 __all__ = ["CampaignRegistry"]
 
@@ -24,7 +24,7 @@ class CampaignRegistry:
     def __init__(self, redis: ArqRedis, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
-        self._register = redis.register_script(_script("register.lua"))
+        self._register = redis.register_script(load_script("app", "register.lua"))
         self._cache: OrderedDict[tuple[str, int], Campaign] = OrderedDict()
 
     async def register(self, definition: Any) -> Campaign:

@@ -1,8 +1,9 @@
-"""The scheduling service: turns "enrollment E is now at node N" into state and jobs.
+"""The scheduling service: every enrollment state change, as commands.
 
-Planning is pure Python (definitions, business hours, delays); applying a plan is one atomic
-Lua call through :class:`app.store.EnrollmentStore`. The worker's processors and the public
-client both go through this service, so the rules live in one place.
+Planning is pure (:mod:`app.planner`); applying a plan is one atomic Lua call through
+:class:`app.store.EnrollmentStore`, which also swaps the enrollment's job. The public
+client and the worker's processors both go through this service, so the rules live in
+one place.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import dataclasses
 import functools
 import traceback as tb
 from collections.abc import Callable, Coroutine, Iterable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Concatenate, ParamSpec, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -20,7 +20,7 @@ import orjson
 from arq.connections import ArqRedis
 from opentelemetry import trace
 
-from app.campaigns import ActionNode, Campaign, DelayNode, ExitNode, WaitNode
+from app.campaigns import ActionNode, Campaign, WaitNode
 from app.durations import format_duration
 from app.errors import (
     AlreadyEnrolled,
@@ -28,49 +28,22 @@ from app.errors import (
     EnrollmentNotFound,
     InvalidRequest,
 )
+from app.jobs import JobTarget, enrollment_id_for
 from app.keys import Keys
 from app.models import ACTIVE_STATES, EnrollmentStatus, State
+from app.planner import Plan, Planner, ms
 from app.registry import CampaignRegistry
 from app.settings import Settings
-from app.store import Applied, EnrollmentStore, Job, Transition
-from app.tracing import current_carrier, producer_span
+from app.store import Applied, EnrollmentStore, Transition
+from app.tracing import producer_span
 
-__all__ = [
-    "STEP_FUNCTION",
-    "TIMEOUT_FUNCTION",
-    "JobTarget",
-    "Plan",
-    "SchedulingService",
-    "enrollment_id_for",
-    "parse_job_id",
-    "step_job_id",
-    "timeout_job_id",
-]
+__all__ = ["SchedulingService", "error_info"]
 
-STEP_FUNCTION = "run_step"
-TIMEOUT_FUNCTION = "fire_timeout"
 _CONTACT_MAX = 256
 _RACE_RETRIES = 5
 _ACTIVE = {s.value for s in ACTIVE_STATES}
 _NO_REENTRY = "; the campaign does not allow re-entry"
-
-
-def enrollment_id_for(campaign_id: str, contact_id: str) -> str:
-    """``"{campaign_id}:{contact_id}"``."""
-    return f"{campaign_id}:{contact_id}"
-
-
-def step_job_id(enrollment_id: str, step: int, attempt: int, run_at_ms: int | None = None) -> str:
-    """Deterministic: the same step and attempt can never be queued twice. A business-hours
-    deferral of the same attempt adds its new due time."""
-    base = f"step:{enrollment_id}:{step}:{attempt}"
-    return base if run_at_ms is None else f"{base}@{run_at_ms}"
-
-
-def timeout_job_id(enrollment_id: str, step: int) -> str:
-    """Deterministic id of a wait's timeout job."""
-    return f"timeout:{enrollment_id}:{step}"
-
+_ms = ms
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -97,80 +70,14 @@ def _traced(
                     "campaign.enrollment_id": first.enrollment_id,
                 }
             elif isinstance(first, str):
-                attrs = {
-                    "campaign.id"
-                    if operation.startswith("enroll")
-                    else "campaign.enrollment_id": first
-                }
-            with producer_span(operation, self.settings.queue_name, attrs):
+                key = "campaign.id" if operation.startswith("enroll") else "campaign.enrollment_id"
+                attrs = {key: first}
+            with producer_span(operation, self.destination, attrs):
                 return await fn(self, *args, **kwargs)
 
         return wrapper
 
     return decorate
-
-
-def parse_job_id(job_id: str) -> tuple[str, int] | None:
-    """(enrollment id, step) of a step or timeout job id, else None."""
-    try:
-        if job_id.startswith("step:"):
-            rest = job_id[5:]
-            base, sep, tail = rest.rpartition("@")
-            if sep and tail.isdigit():  # a deferral suffix; contact ids may contain '@'
-                rest = base
-            eid, step, _attempt = rest.rsplit(":", 2)
-            return eid, int(step)
-        if job_id.startswith("timeout:"):
-            eid, step = job_id[8:].rsplit(":", 1)
-            return eid, int(step)
-    except ValueError:
-        return None
-    return None
-
-
-def _ms(t: datetime) -> int:
-    return int(t.timestamp() * 1000)
-
-
-@dataclass(frozen=True)
-class JobTarget:
-    """What a job carries besides its step: enough to plan without reading the record."""
-
-    enrollment_id: str
-    campaign_id: str
-    version: int
-    timezone: str | None
-    #: The step this enrollment started after: steps keep growing across re-entries (so
-    #: job ids stay unique), and the step limit counts from here.
-    base_step: int = 0
-
-    def kwargs(self, node: str | None) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "campaign": self.campaign_id,
-            "version": self.version,
-            "node": node,
-            "tz": self.timezone,
-        }
-        if self.base_step:
-            out["base"] = self.base_step
-        carrier = current_carrier()
-        if carrier:
-            out["otel"] = carrier
-        return out
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Where an enrollment lands after moving to a node (delays resolved on the spot)."""
-
-    state: State
-    node: str | None
-    step: int
-    reason: str
-    run_at: datetime | None = None
-    deadline: datetime | None = None
-    job: Job | None = None
-    error: dict[str, Any] | None = None
 
 
 class SchedulingService:
@@ -179,19 +86,14 @@ class SchedulingService:
     def __init__(self, redis: ArqRedis, settings: Settings) -> None:
         self.redis = redis
         self.settings = settings
-        self.keys = Keys(settings.key_prefix)
+        self.keys = Keys(settings.key_prefix, settings.shards)
         self.registry = CampaignRegistry(redis, self.keys)
-        self.store = EnrollmentStore(
-            redis,
-            self.keys,
-            settings.queue_name,
-            history_limit=settings.history_limit,
-            job_expiry_extra_ms=int(settings.job_expiry_extra * 1000),
-        )
+        self.store = EnrollmentStore(redis, self.keys, history_limit=settings.history_limit)
+        self.planner = Planner(settings.max_steps)
+        #: The queue name spans and logs use for campaign jobs.
+        self.destination = f"{settings.key_prefix}:queue"
         #: Called with (enrollment_id, history entry) after each applied transition.
         self.on_transition: Callable[[str, dict[str, Any]], None] | None = None
-
-    # -- planning (pure) ---------------------------------------------------------------
 
     def plan(
         self,
@@ -204,160 +106,14 @@ class SchedulingService:
         count_first: bool = True,
         reason: str = "",
     ) -> Plan:
-        """Resolve ``node_id`` reached at ``now``; ``count_first`` bumps the step for it."""
-        cal = campaign.calendar_for(target.timezone)
-        t = now
-        s = step
-        notes = [reason] if reason else []
-        first = True
-        while True:
-            if count_first or not first:
-                s += 1
-            first = False
-            if s - target.base_step > self.settings.max_steps:
-                return self._step_limit(node_id, s, notes)
-            if node_id is None:
-                return Plan(State.COMPLETED, None, s, _join(notes, "next: null"))
-            node = campaign.nodes[node_id]
-            if isinstance(node, ExitNode):
-                return Plan(State.COMPLETED, node_id, s, _join(notes, f"exit {node_id}"))
-            if isinstance(node, ActionNode):
-                run_at = t
-                if cal is not None and campaign.uses_business_hours(node):
-                    run_at = cal.next_open_spread(t, target.enrollment_id)
-                job = self._step_job(target, node_id, s, 1, run_at, now)
-                return Plan(State.SCHEDULED, node_id, s, _join(notes, f"action {node_id}"),
-                            run_at=run_at, job=job)  # fmt: skip
-            if isinstance(node, WaitNode):
-                if node.business_time and cal is not None:
-                    deadline = cal.add(t, node.timeout)
-                else:
-                    deadline = t + node.timeout
-                job = Job(
-                    timeout_job_id(target.enrollment_id, s),
-                    TIMEOUT_FUNCTION,
-                    [target.enrollment_id, s],
-                    target.kwargs(node_id),
-                    max(_ms(deadline), _ms(now)),
-                )
-                events = ", ".join(sorted(node.events))
-                return Plan(State.WAITING, node_id, s, _join(notes, f"wait for {events}"),
-                            deadline=deadline, job=job)  # fmt: skip
-            assert isinstance(node, DelayNode)
-            if node.business_time and cal is not None:
-                until = cal.add(t, node.duration)
-            else:
-                until = t + node.duration
-            kind = " of business time" if node.business_time and cal is not None else ""
-            notes.append(f"delay {node_id} {format_duration(node.duration)}{kind}")
-            if until <= now:
-                node_id, t = node.next, until
-                continue
-            # The delay has no job of its own: the node after it is scheduled at `until`.
-            s += 1
-            if s - target.base_step > self.settings.max_steps:
-                return self._step_limit(node.next, s, notes)
-            nxt = node.next
-            run_at = until
-            nxt_node = campaign.nodes.get(nxt) if nxt is not None else None
-            if (
-                isinstance(nxt_node, ActionNode)
-                and cal is not None
-                and campaign.uses_business_hours(nxt_node)
-            ):
-                run_at = cal.next_open_spread(until, target.enrollment_id)
-            job = self._step_job(target, nxt, s, 1, run_at, now)
-            return Plan(State.SCHEDULED, nxt, s, _join(notes, f"then {nxt or 'end'}"),
-                        run_at=run_at, job=job)  # fmt: skip
-
-    def _step_job(
-        self,
-        target: JobTarget,
-        node: str | None,
-        step: int,
-        attempt: int,
-        run_at: datetime,
-        now: datetime,
-        deferred: bool = False,
-    ) -> Job:
-        # arq fails on a _defer_until far in the past, and a past score only means "now".
-        score = max(_ms(run_at), _ms(now))
-        return Job(
-            step_job_id(target.enrollment_id, step, attempt, score if deferred else None),
-            STEP_FUNCTION,
-            [target.enrollment_id, step, attempt],
-            target.kwargs(node),
-            score,
+        """See :meth:`app.planner.Planner.plan`."""
+        return self.planner.plan(
+            campaign, target, node_id, step, now, count_first=count_first, reason=reason
         )
 
-    def _step_limit(self, node: str | None, step: int, notes: list[str]) -> Plan:
-        limit = self.settings.max_steps
-        message = f"enrollment exceeded the step limit of {limit} (CAMPAIGN_MAX_STEPS)"
-        return Plan(
-            State.FAILED,
-            node,
-            step,
-            _join(notes, "step limit reached"),
-            error={"type": "StepLimitExceeded", "message": message, "node": node, "step": step},
-        )
-
-    def transition(
-        self,
-        plan: Plan,
-        *,
-        from_state: str | None,
-        expect_states: Iterable[str],
-        expect_step: int | None,
-        expect_attempt: int | None = None,
-        expect_job: str | None = None,
-        attempt: int = 1,
-        now: datetime,
-        extra: Mapping[str, str] | None = None,
-        remove_jobs: Iterable[str] = (),
-    ) -> Transition:
-        """The atomic write that puts an enrollment where ``plan`` says."""
-        at = _ms(now)
-        fields: dict[str, str] = {
-            "state": plan.state.value,
-            "node": plan.node or "",
-            "step": str(plan.step),
-            "attempt": str(attempt),
-            "updated_at": str(at),
-        }
-        unset = []
-        for name, value in (("run_at", plan.run_at), ("deadline", plan.deadline)):
-            if value is not None:
-                fields[name] = str(max(_ms(value), at))
-            else:
-                unset.append(name)
-        if plan.job is not None:
-            fields["job"] = plan.job.id
-        else:
-            unset.append("job")
-        if plan.error is not None:
-            fields["error"] = orjson.dumps({**plan.error, "at": at, "attempt": attempt}).decode()
-        if extra:
-            fields.update(extra)
-        entry = {
-            "at": at,
-            "from": from_state,
-            "to": plan.state.value,
-            "node": plan.node,
-            "step": plan.step,
-            "attempt": attempt,
-            "reason": plan.reason,
-        }
-        return Transition(
-            expect_states=tuple(expect_states),
-            expect_step=expect_step,
-            expect_attempt=expect_attempt,
-            expect_job=expect_job,
-            set=fields,
-            unset=unset,
-            history=[entry],
-            add_job=plan.job,
-            remove_jobs=list(remove_jobs),
-        )
+    def transition(self, plan: Plan, target: JobTarget, **kwargs: Any) -> Transition:
+        """See :meth:`app.planner.Planner.transition`."""
+        return self.planner.transition(plan, target, **kwargs)
 
     async def _apply(self, enrollment_id: str, tr: Transition) -> Applied:
         span = trace.get_current_span()
@@ -416,7 +172,7 @@ class SchedulingService:
             "attributes": orjson.dumps(dict(attributes or {})).decode(),
             "created_at": at,
         }
-        tr = self.transition(plan, from_state=None, expect_states=(), expect_step=base_step,
+        tr = self.transition(plan, target, from_state=None, expect_states=(), expect_step=base_step,
                              now=now, extra=extra)  # fmt: skip
         tr.create = True
         tr.reentry = campaign.reentry
@@ -513,58 +269,53 @@ class SchedulingService:
             total += await flush()
         return total
 
-    # -- moving on ------------------------------------------------------------------------
+    # -- moving on (the worker's side) ---------------------------------------------------
 
     async def campaign_for(self, campaign_id: str, version: int) -> Campaign:
         """A stored campaign version (cached)."""
         return await self.registry.get(campaign_id, version)
 
+    def _from_running(
+        self, plan: Plan, target: JobTarget, *, step: int, attempt: int, job_id: str,
+        now: datetime, new_attempt: int | None = None,
+    ) -> Transition:  # fmt: skip
+        """A transition that only the job running this step (``job_id``) may make."""
+        return self.transition(
+            plan, target, from_state=State.RUNNING, expect_states=(State.RUNNING,),
+            expect_step=step, expect_attempt=attempt, expect_job=job_id,
+            attempt=attempt if new_attempt is None else new_attempt, now=now,
+        )  # fmt: skip
+
     @_traced("advance")
     async def advance(
-        self,
-        target: JobTarget,
-        *,
-        from_node: str,
-        to_node: str | None,
-        step: int,
-        attempt: int,
-        reason: str,
-        now: datetime | None = None,
-    ) -> Applied:
+        self, target: JobTarget, *, job_id: str, from_node: str, to_node: str | None,
+        step: int, attempt: int, reason: str, now: datetime | None = None,
+    ) -> Applied:  # fmt: skip
         """After a successful action: running -> wherever ``to_node`` leads."""
         now = now or datetime.now(UTC)
         campaign = await self.campaign_for(target.campaign_id, target.version)
         plan = self.plan(campaign, target, to_node, step, now, reason=reason)
-        tr = self.transition(plan, from_state=State.RUNNING, expect_states=(State.RUNNING,),
-                             expect_step=step, expect_attempt=attempt, now=now)  # fmt: skip
+        tr = self._from_running(plan, target, step=step, attempt=attempt, job_id=job_id, now=now)
         tr.unset.append("error")
         return await self._apply(target.enrollment_id, tr)
 
     @_traced("enter")
     async def enter(
-        self, target: JobTarget, *, node: str | None, step: int, attempt: int,
+        self, target: JobTarget, *, job_id: str, node: str | None, step: int, attempt: int,
         now: datetime | None = None,
     ) -> Applied:  # fmt: skip
         """A step job that lands on a wait or exit (after a delay): enter that node."""
         now = now or datetime.now(UTC)
         campaign = await self.campaign_for(target.campaign_id, target.version)
         plan = self.plan(campaign, target, node, step, now, count_first=False, reason="delay over")
-        tr = self.transition(plan, from_state=State.SCHEDULED, expect_states=(State.SCHEDULED,),
-                             expect_step=step, expect_attempt=attempt, now=now)  # fmt: skip
+        tr = self._from_running(plan, target, step=step, attempt=attempt, job_id=job_id, now=now)
         return await self._apply(target.enrollment_id, tr)
 
     @_traced("retry")
     async def retry(
-        self,
-        target: JobTarget,
-        *,
-        node: str,
-        step: int,
-        attempt: int,
-        delay: timedelta,
-        error: Mapping[str, Any],
-        now: datetime | None = None,
-    ) -> Applied:
+        self, target: JobTarget, *, job_id: str, node: str, step: int, attempt: int,
+        delay: timedelta, error: Mapping[str, Any], now: datetime | None = None,
+    ) -> Applied:  # fmt: skip
         """A transient failure: running -> scheduled, attempt + 1, after ``delay`` (and in
         business hours when the node uses them)."""
         now = now or datetime.now(UTC)
@@ -578,125 +329,132 @@ class SchedulingService:
             and campaign.uses_business_hours(action)
         ):
             run_at = cal.next_open_spread(run_at, target.enrollment_id)
-        job = self._step_job(target, node, step, attempt + 1, run_at, now)
+        job = self.planner.step_job(target, node, step, attempt + 1, run_at, now)
         reason = f"retry in {format_duration(run_at - now)} after {error.get('type')}: {error.get('message')}"
         plan = Plan(State.SCHEDULED, node, step, reason[:500], run_at=run_at, job=job)
-        tr = self.transition(plan, from_state=State.RUNNING, expect_states=(State.RUNNING,),
-                             expect_step=step, expect_attempt=attempt, attempt=attempt + 1,
-                             now=now)  # fmt: skip
+        tr = self._from_running(plan, target, step=step, attempt=attempt, job_id=job_id, now=now,
+                                new_attempt=attempt + 1)  # fmt: skip
         tr.set["error"] = orjson.dumps({**error, "node": node, "step": step, "attempt": attempt,
                                         "at": _ms(now)}).decode()  # fmt: skip
         return await self._apply(target.enrollment_id, tr)
 
     async def fail(
-        self,
-        target: JobTarget,
-        *,
-        node: str | None,
-        step: int,
-        attempt: int | None,
-        error: Mapping[str, Any],
-        expect_state: State = State.RUNNING,
+        self, target: JobTarget, *, job_id: str | None, node: str | None, step: int,
+        attempt: int | None, error: Mapping[str, Any], expect_state: State = State.RUNNING,
         now: datetime | None = None,
-    ) -> Applied:
+    ) -> Applied:  # fmt: skip
         """A permanent failure, or attempts exhausted: -> failed, keeping the error."""
         now = now or datetime.now(UTC)
         reason = f"{error.get('type')}: {error.get('message')}"[:500]
         plan = Plan(State.FAILED, node, step, reason, error={**error, "node": node, "step": step})
-        tr = self.transition(plan, from_state=expect_state, expect_states=(expect_state,),
-                             expect_step=step, expect_attempt=attempt, attempt=attempt or 1,
-                             now=now)  # fmt: skip
-        return await self._apply(target.enrollment_id, tr)
-
-    async def is_pending_on(self, job_id: str) -> bool:
-        """Whether an active enrollment still has ``job_id`` as its current job."""
-        parsed = parse_job_id(job_id)
-        if parsed is None:
-            return False
-        state, job = (await self.store.records([parsed[0]], "state", "job"))[0]
-        return state in _ACTIVE and job == job_id
-
-    async def is_superseded(self, job_id: str) -> bool:
-        """Whether a step or timeout job is no longer its enrollment's current job."""
-        parsed = parse_job_id(job_id)
-        if parsed is None:
-            return False
-        rows = await self.store.records([parsed[0]], "job")
-        return rows[0][0] != job_id
-
-    async def fail_lost_job(self, job_id: str, reason: str) -> Applied | None:
-        """arq dropped a step or timeout job without running it (undecodable, expired, too
-        many tries): fail its enrollment if it still waits on that job, rather than leave it
-        active forever. Returns None for job ids that are not ours."""
-        parsed = parse_job_id(job_id)
-        if parsed is None:
-            return None
-        enrollment_id, step = parsed
-        rec = await self.store.record(enrollment_id)
-        if rec is None or rec.get("state") not in _ACTIVE or rec.get("job") != job_id:
-            # Not its current job (a stale duplicate, or the enrollment moved on): nothing lost.
-            return Applied(False, rec.get("state") if rec else None, missing=rec is None)
-        now = datetime.now(UTC)
-        error = {
-            "type": "JobDropped",
-            "message": f"job {job_id} was dropped by the queue: {reason}",
-        }
-        plan = Plan(State.FAILED, rec.get("node") or None, step, f"JobDropped: {reason}"[:500],
-                    error={**error, "node": rec.get("node") or None, "step": step})  # fmt: skip
-        tr = self.transition(plan, from_state=rec["state"], expect_states=(rec["state"],),
-                             expect_step=step, expect_job=job_id,
-                             attempt=int(rec.get("attempt") or 1), now=now)  # fmt: skip
-        return await self._apply(enrollment_id, tr)
-
-    @_traced("defer")
-    async def defer(
-        self, target: JobTarget, *, node: str, step: int, attempt: int, run_at: datetime,
-        job_id: str | None = None, expect_attempt: int | None = None,
-        now: datetime | None = None,
-    ) -> Applied:  # fmt: skip
-        """A step job found its business-hours window closed: run it at ``run_at`` instead,
-        as ``attempt``. Only the record's current job (``job_id``) may defer it; finding it
-        'running' means a worker died mid-step and arq re-ran that job."""
-        now = now or datetime.now(UTC)
-        job = self._step_job(target, node, step, attempt, run_at, now, deferred=True)
-        plan = Plan(State.SCHEDULED, node, step, "outside business hours: deferred to the next opening",
-                    run_at=run_at, job=job)  # fmt: skip
-        tr = self.transition(plan, from_state=State.SCHEDULED,
-                             expect_states=(State.SCHEDULED, State.RUNNING), expect_step=step,
-                             expect_attempt=expect_attempt if job_id else attempt,
-                             expect_job=job_id, attempt=attempt, now=now)  # fmt: skip
-        return await self._apply(target.enrollment_id, tr)
-
-    async def release(
-        self, target: JobTarget, *, node: str | None, step: int, attempt: int, job_id: str | None
-    ) -> Applied:
-        """running -> scheduled for the same job and attempt: the worker is shutting down and
-        arq puts the job back in the queue, so the step has not been used up."""
-        now = datetime.now(UTC)
-        entry = {"at": _ms(now), "from": State.RUNNING.value, "to": State.SCHEDULED.value,
-                 "node": node, "step": step, "attempt": attempt,
-                 "reason": "worker shutting down: step handed back"}  # fmt: skip
-        tr = Transition(
-            expect_states=(State.RUNNING,), expect_step=step, expect_attempt=attempt,
-            expect_job=job_id, set={"state": State.SCHEDULED.value, "updated_at": str(_ms(now))},
-            history=[entry],
+        tr = self.transition(
+            plan, target, from_state=expect_state, expect_states=(expect_state,),
+            expect_step=step, expect_attempt=attempt, expect_job=job_id, attempt=attempt or 1,
+            now=now,
         )  # fmt: skip
         return await self._apply(target.enrollment_id, tr)
 
+    @_traced("defer")
+    async def defer(
+        self, target: JobTarget, *, job_id: str, node: str, step: int, attempt: int,
+        run_at: datetime, now: datetime | None = None,
+    ) -> Applied:  # fmt: skip
+        """A step found its business-hours window closed: run it at ``run_at`` instead, as
+        the same attempt."""
+        now = now or datetime.now(UTC)
+        job = self.planner.step_job(target, node, step, attempt, run_at, now, deferred=True)
+        plan = Plan(State.SCHEDULED, node, step, "outside business hours: deferred to the next opening",
+                    run_at=run_at, job=job)  # fmt: skip
+        tr = self._from_running(plan, target, step=step, attempt=attempt, job_id=job_id, now=now)
+        return await self._apply(target.enrollment_id, tr)
+
+    async def release(
+        self, target: JobTarget, *, job_id: str, node: str | None, step: int, attempt: int,
+        reason: str, delay_ms: int = 0,
+    ) -> Applied:  # fmt: skip
+        """running -> scheduled for the same job and attempt: the worker hands the step back
+        (shutting down, or its bookkeeping failed), so the step has not been used up."""
+        now = datetime.now(UTC)
+        at = _ms(now)
+        entry = {"at": at, "from": State.RUNNING.value, "to": State.SCHEDULED.value,
+                 "node": node, "step": step, "attempt": attempt, "reason": reason}  # fmt: skip
+        tr = Transition(
+            campaign_id=target.campaign_id, expect_states=(State.RUNNING,), expect_step=step,
+            expect_attempt=attempt, expect_job=job_id,
+            set={"state": State.SCHEDULED.value, "updated_at": str(at),
+                 "run_at": str(at + delay_ms)},
+            history=[entry], requeue_ms=at + delay_ms,
+        )  # fmt: skip
+        return await self._apply(target.enrollment_id, tr)
+
+    async def release_timeout(self, target: JobTarget, *, job_id: str, step: int) -> Applied:
+        """Hand a wait's timeout job back to the queue (the worker is shutting down)."""
+        tr = Transition(
+            campaign_id=target.campaign_id, expect_states=(State.WAITING,), expect_step=step,
+            expect_job=job_id, requeue_ms=_ms(datetime.now(UTC)),
+        )  # fmt: skip
+        return await self.store.apply(target.enrollment_id, tr)
+
     @_traced("timeout")
     async def fire_timeout(
-        self, target: JobTarget, *, node: str, step: int, now: datetime | None = None
-    ) -> Applied:
+        self, target: JobTarget, *, job_id: str, node: str, step: int,
+        now: datetime | None = None,
+    ) -> Applied:  # fmt: skip
         """A wait's deadline passed: waiting -> ``on_timeout``, only if still waiting there."""
         now = now or datetime.now(UTC)
         campaign = await self.campaign_for(target.campaign_id, target.version)
-        wait = campaign.nodes[node]
-        assert isinstance(wait, WaitNode)
+        wait = campaign.nodes.get(node)
+        if not isinstance(wait, WaitNode):
+            raise CampaignNotFound(
+                f"campaign {target.campaign_id!r} version {target.version} has no wait node {node!r}"
+            )
         plan = self.plan(campaign, target, wait.on_timeout, step, now, reason=f"timeout of {node}")
-        tr = self.transition(plan, from_state=State.WAITING, expect_states=(State.WAITING,),
-                             expect_step=step, expect_job=timeout_job_id(target.enrollment_id, step),
-                             now=now)  # fmt: skip
+        tr = self.transition(plan, target, from_state=State.WAITING, expect_states=(State.WAITING,),
+                             expect_step=step, expect_job=job_id, now=now)  # fmt: skip
         return await self._apply(target.enrollment_id, tr)
+
+    async def repair(self, enrollment_id: str, rec: Mapping[str, str]) -> Applied | None:
+        """Re-create the job of an active enrollment that has none (the reconciler).
+
+        ``scheduled`` gets its step job back (due at ``run_at``), ``waiting`` its timeout job
+        (due at ``deadline``), and an orphaned ``running`` one goes back to ``scheduled``.
+        Applied only if, atomically, the current job is neither queued nor leased. None when
+        the record cannot be repaired (not active, or fields missing).
+        """
+        state = rec.get("state")
+        if state not in _ACTIVE or not rec.get("campaign") or not rec.get("step"):
+            return None
+        now = datetime.now(UTC)
+        step, attempt = int(rec["step"]), int(rec.get("attempt") or 1)
+        node = rec.get("node") or None
+        target = JobTarget(
+            enrollment_id, rec["campaign"], int(rec.get("version") or 1),
+            rec.get("timezone") or None, int(rec.get("base_step") or 0),
+        )  # fmt: skip
+        if state == State.WAITING:
+            if node is None:
+                return None
+            deadline = datetime.fromtimestamp(int(rec.get("deadline") or _ms(now)) / 1000, UTC)
+            job = self.planner.timeout_job(target, node, step, deadline, now)
+            to_state = State.WAITING
+        else:
+            run_at = datetime.fromtimestamp(int(rec.get("run_at") or _ms(now)) / 1000, UTC)
+            job = self.planner.step_job(
+                target, node, step, attempt, run_at if state == State.SCHEDULED else now, now
+            )
+            to_state = State.SCHEDULED
+        at = _ms(now)
+        entry = {"at": at, "from": state, "to": to_state.value, "node": node, "step": step,
+                 "attempt": attempt, "reason": f"reconciler: {state} with no job; job re-created"}  # fmt: skip
+        fields = {"state": to_state.value, "job": job.id, "updated_at": str(at)}
+        if to_state == State.SCHEDULED:
+            fields["run_at"] = str(job.score_ms)
+        tr = Transition(
+            campaign_id=target.campaign_id, expect_states=(state,), expect_step=step,
+            expect_attempt=attempt, expect_job=rec.get("job") or None, set=fields,
+            history=[entry], add_job=job, orphan=True,
+        )  # fmt: skip
+        return await self._apply(enrollment_id, tr)
 
     # -- API-side operations ----------------------------------------------------------
 
@@ -736,9 +494,8 @@ class SchedulingService:
             plan = self.plan(campaign, target, wait.on_event, step, now, reason=f"event {event}")
             ev = orjson.dumps({"name": event, "payload": dict(payload or {}), "at": _ms(now)})
             tr = self.transition(
-                plan, from_state=State.WAITING, expect_states=(State.WAITING,), expect_step=step,
-                now=now, extra={"event": ev.decode()},
-                remove_jobs=[timeout_job_id(enrollment_id, step)],
+                plan, target, from_state=State.WAITING, expect_states=(State.WAITING,),
+                expect_step=step, now=now, extra={"event": ev.decode()},
             )  # fmt: skip
             result = await self._apply(enrollment_id, tr)
             if result.ok:
@@ -750,7 +507,7 @@ class SchedulingService:
     async def cancel(self, enrollment_id: str, reason: str = "") -> bool:
         """Cancel an active enrollment and remove its pending job; False if already ended."""
         for _ in range(_RACE_RETRIES):
-            rec, _campaign, _target = await self._load(enrollment_id)
+            rec, _campaign, target = await self._load(enrollment_id)
             if rec["state"] not in {s.value for s in ACTIVE_STATES}:
                 return False
             now = datetime.now(UTC)
@@ -760,9 +517,9 @@ class SchedulingService:
             # Expect the job we remove to still be the current one: a worker may have
             # retried or deferred the step (same state and step, new job) since we read it.
             tr = self.transition(
-                plan, from_state=rec["state"], expect_states=(rec["state"],), expect_step=step,
-                expect_job=rec.get("job") or None, attempt=int(rec.get("attempt") or 1), now=now,
-                remove_jobs=[j for j in (rec.get("job"),) if j],
+                plan, target, from_state=rec["state"], expect_states=(rec["state"],),
+                expect_step=step, expect_job=rec.get("job") or None,
+                attempt=int(rec.get("attempt") or 1), now=now,
             )  # fmt: skip
             if (await self._apply(enrollment_id, tr)).ok:
                 return True
@@ -784,7 +541,7 @@ class SchedulingService:
             raise InvalidRequest(f"enrollment {enrollment_id!r} failed at unknown node {node!r}")
         now = datetime.now(UTC)
         plan = self.plan(campaign, target, node, step, now, reason="replayed")
-        tr = self.transition(plan, from_state=State.FAILED, expect_states=(State.FAILED,),
+        tr = self.transition(plan, target, from_state=State.FAILED, expect_states=(State.FAILED,),
                              expect_step=step, now=now)  # fmt: skip
         tr.unset.append("error")  # the history keeps what failed
         result = await self._apply(enrollment_id, tr)

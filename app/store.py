@@ -1,54 +1,140 @@
 """Enrollment records in Redis and the atomic transitions that change them.
 
 Each transition is one Lua call (``lua/transition.lua``): it checks the expected state and
-step, writes the new fields and a history entry, keeps the per-state index sets, and adds
-or removes the arq job that goes with the new state. No half-done transitions if a process
-dies, and no two writers can both win.
+step, writes the new fields and a history entry, keeps the per-state index sets, and swaps
+the enrollment's current job (the old one dequeued and its lease dropped, the new one
+queued). No half-done transitions if a process dies, and no two writers can both win.
+Transitions issued concurrently are sent together in one pipeline (see
+:class:`ScriptBatcher`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
+from importlib.resources.abc import Traversable
 from typing import Any
 
 import orjson
 from arq.connections import ArqRedis
+from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
-from app.keys import Keys
+from app.jobs import Job
+from app.keys import Keys, ShardKeys
 from app.models import EnrollmentStatus, ErrorInfo, HistoryEntry, State, ms_to_datetime
-from app.serialization import job_payload
 
-__all__ = ["Applied", "EnrollmentStore", "Job", "Transition", "now_ms"]
+__all__ = [
+    "Applied",
+    "EnrollmentStore",
+    "ScriptBatcher",
+    "Transition",
+    "load_script",
+    "now_ms",
+    "to_status",
+]
+
+_STATES = [s.value for s in State]
 
 
 def now_ms() -> int:
-    """Wall-clock epoch milliseconds (what arq scores jobs with)."""
+    """Wall-clock epoch milliseconds (what job due times are scored with)."""
     return int(time.time() * 1000)
 
 
-def _script(name: str) -> str:
-    return resources.files("app").joinpath("lua", name).read_text()
+def load_script(package: str, name: str) -> str:
+    """The text of a Lua script shipped in ``<package>/lua/``."""
+    path: Traversable = resources.files(package).joinpath("lua", name)
+    return path.read_text()
 
 
-@dataclass(frozen=True)
-class Job:
-    """An arq job to put in the queue as part of a transition."""
+class ScriptBatcher:
+    """Send the calls of one script made in the same event-loop turn as one pipeline.
 
-    id: str
-    function: str
-    args: list[Any]
-    kwargs: dict[str, Any]
-    score_ms: int
+    Under load many steps finish at once; one round trip for all of them costs Redis and
+    the client far less than one each. A call made alone still goes out at once.
+    """
+
+    def __init__(self, redis: ArqRedis, script: AsyncScript) -> None:
+        self.redis = redis
+        self.script = script
+        self._pending: list[tuple[Sequence[str], Sequence[Any], asyncio.Future[Any]]] = []
+        self._loaded = False
+
+    async def __call__(self, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._pending.append((keys, args, fut))
+        if len(self._pending) == 1:
+            loop.call_soon(self._flush_soon)
+        return await fut
+
+    def _flush_soon(self) -> None:
+        batch, self._pending = self._pending, []
+        task = asyncio.get_running_loop().create_task(self._send(batch))
+        task.add_done_callback(_consume)
+
+    async def _send(
+        self, batch: list[tuple[Sequence[str], Sequence[Any], asyncio.Future[Any]]]
+    ) -> None:
+        try:
+            results = await self.run([(k, a) for k, a, _ in batch])
+        except BaseException as exc:
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(
+                        exc if isinstance(exc, Exception) else ConnectionError(repr(exc))
+                    )
+            return
+        for (_, _, fut), result in zip(batch, results, strict=True):
+            if fut.done():
+                continue
+            if isinstance(result, Exception):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
+
+    async def run(self, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
+        """Run ``calls`` in one pipeline; each result is a reply or the exception it raised."""
+        if len(calls) == 1:
+            keys, args = calls[0]
+            try:
+                return [await self.script(keys=keys, args=args)]
+            except Exception as exc:  # the caller's future gets it
+                return [exc]
+        if not self._loaded:  # once, rather than a batch of NOSCRIPT errors
+            await self.redis.script_load(self.script.script)
+            self._loaded = True
+        results = await self._pipeline(calls)
+        if any(isinstance(r, NoScriptError) for r in results):
+            # The script cache was emptied (restarted server): a NOSCRIPT call ran nothing.
+            await self.redis.script_load(self.script.script)
+            results = await self._pipeline(calls)
+        return results
+
+    async def _pipeline(self, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
+        # Plain EVALSHA, not the Script object: a pipeline holding Script objects first
+        # sends SCRIPT EXISTS, which doubles the round trips of every batch.
+        sha = self.script.sha
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                pipe.evalsha(sha, len(keys), *keys, *args)
+            return list(await pipe.execute(raise_on_error=False))
+
+
+def _consume(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 @dataclass
 class Transition:
     """One atomic change of an enrollment; see ``lua/transition.lua`` for the semantics."""
 
+    campaign_id: str
     expect_states: Sequence[str] = ()
     expect_step: int | None = None
     expect_attempt: int | None = None
@@ -59,7 +145,10 @@ class Transition:
     unset: list[str] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
     add_job: Job | None = None
-    remove_jobs: list[str] = field(default_factory=list)
+    #: Hand the current job back to the queue at this time (ms), keeping it current.
+    requeue_ms: int | None = None
+    #: Apply only if the current job is neither queued nor leased (the reconciler's repair).
+    orphan: bool = False
 
     @property
     def new_state(self) -> str | None:
@@ -68,42 +157,42 @@ class Transition:
 
 @dataclass(frozen=True)
 class Applied:
-    """What a transition did: ``ok``, else the state and step that made it fail."""
+    """What a transition did: ``ok``, else why not."""
 
     ok: bool
     state: str | None = None
     step: int | None = None
     missing: bool = False
+    #: A job with the id the transition wanted to queue already exists (never "stale").
     job_conflict: str | None = None
+    #: The reconciler's repair found the current job queued or leased after all.
+    not_orphan: bool = False
 
 
 class EnrollmentStore:
     """Reads and atomic writes of enrollment records."""
 
-    def __init__(self, redis: ArqRedis, keys: Keys, queue_name: str, *, history_limit: int,
-                 job_expiry_extra_ms: int) -> None:  # fmt: skip
+    def __init__(self, redis: ArqRedis, keys: Keys, *, history_limit: int) -> None:
         self.redis = redis
         self.keys = keys
-        self.queue_name = queue_name
         self.history_limit = history_limit
-        self.job_expiry_extra_ms = job_expiry_extra_ms
-        self._transition = redis.register_script(_script("transition.lua"))
-        self._claim = redis.register_script(_script("claim.lua"))
-        self._transition_loaded = False
+        self._transition = ScriptBatcher(
+            redis, redis.register_script(load_script("app", "transition.lua"))
+        )
 
     # -- writes -------------------------------------------------------------------------
 
-    def _args(self, enrollment_id: str, tr: Transition, now: int) -> tuple[list[str], list[bytes]]:
+    def call_args(
+        self, enrollment_id: str, tr: Transition, now: int
+    ) -> tuple[list[str], list[bytes]]:
+        """The KEYS and ARGV of one transition."""
         job = None
         if tr.add_job is not None:
             j = tr.add_job
-            job = {
-                "id": j.id,
-                "payload": job_payload(j.function, j.args, j.kwargs, now).decode(),
-                "score": j.score_ms,
-                "ttl": max(j.score_ms - now, 0) + self.job_expiry_extra_ms,
-            }
+            job = {"id": j.id, "payload": j.payload(now).decode(), "score": j.score_ms}
         op = {
+            "id": enrollment_id,
+            "campaign": tr.campaign_id,
             "expect": {
                 "states": list(tr.expect_states),
                 "step": tr.expect_step,
@@ -117,14 +206,17 @@ class EnrollmentStore:
             "history": [orjson.dumps(h).decode() for h in tr.history],
             "history_limit": self.history_limit,
             "add_job": job,
-            "remove_jobs": tr.remove_jobs,
-            "idx_prefix": f"{self.keys.prefix}:idx:",
-            "enr_prefix": self.keys.enrollment(""),
+            "requeue": tr.requeue_ms,
+            "orphan": tr.orphan,
         }
+        shard = self.keys.for_enrollment(enrollment_id)
         keys = [
-            self.keys.enrollment(enrollment_id),
-            self.keys.history(enrollment_id),
-            self.queue_name,
+            shard.enrollment(enrollment_id),
+            shard.history(enrollment_id),
+            shard.queue,
+            shard.leases,
+            shard.jobs,
+            *(shard.state_index(tr.campaign_id, s) for s in _STATES),
         ]
         return keys, [orjson.dumps(op)]
 
@@ -137,58 +229,25 @@ class EnrollmentStore:
             return Applied(False, missing=True)
         if code == -2:
             return Applied(False, job_conflict=_s(raw[1]))
+        if code == -3:
+            return Applied(False, not_orphan=True)
         return Applied(False, _s(raw[1]) or None, int(raw[2]) if len(raw) > 2 else None)
 
     async def apply(self, enrollment_id: str, tr: Transition, now: int | None = None) -> Applied:
-        """Run one transition atomically."""
-        keys, args = self._args(enrollment_id, tr, now or now_ms())
-        return self._result(await self._transition(keys=keys, args=args))
+        """Run one transition atomically (batched with concurrent ones)."""
+        keys, args = self.call_args(enrollment_id, tr, now or now_ms())
+        return self._result(await self._transition(keys, args))
 
     async def apply_many(self, items: Sequence[tuple[str, Transition]]) -> list[Applied]:
         """Run many independent transitions in one pipelined round trip."""
         now = now_ms()
-        calls = [self._args(enrollment_id, tr, now) for enrollment_id, tr in items]
-        if not self._transition_loaded:  # once, rather than a batch of NOSCRIPT errors
-            await self.redis.script_load(self._transition.script)
-            self._transition_loaded = True
-        try:
-            raw = await self._evalsha_pipeline(calls)
-        except NoScriptError:
-            # Script cache emptied since (restarted server): a NOSCRIPT call ran nothing.
-            await self.redis.script_load(self._transition.script)
-            raw = await self._evalsha_pipeline(calls)
-        return [self._result(r) for r in raw]
-
-    async def _evalsha_pipeline(self, calls: Sequence[tuple[list[str], list[bytes]]]) -> list[Any]:
-        # Plain EVALSHA, not the Script object: a pipeline holding Script objects first
-        # sends SCRIPT EXISTS, which doubles the round trips of every batch.
-        sha = self._transition.sha
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for keys, args in calls:
-                pipe.evalsha(sha, len(keys), *keys, *args)  # type: ignore[arg-type]
-            return list(await pipe.execute())
-
-    async def claim(
-        self, enrollment_id: str, step: int, attempt: int, node: str | None,
-        job_id: str | None = None,
-    ) -> tuple[int, dict[str, str]]:  # fmt: skip
-        """scheduled -> running for a step job. Returns (code, record); code 1 claimed,
-        2 re-run after a crash (attempt bumped), 0 stale, -1 missing. With ``job_id``, only
-        the record's current job may claim it."""
-        now = now_ms()
-        template = orjson.dumps({"at": now, "node": node, "step": step}).decode()
-        raw = await self._claim(
-            keys=[self.keys.enrollment(enrollment_id), self.keys.history(enrollment_id)],
-            args=[step, attempt, now, template, self.history_limit,
-                  f"{self.keys.prefix}:idx:", enrollment_id, job_id or ""],
-        )  # fmt: skip
-        code = int(raw[0])
-        if code in (1, 2):
-            flat = [_s(x) for x in raw[1:]]
-            return code, dict(zip(flat[::2], flat[1::2], strict=True))
-        if code == 0:
-            return 0, {"state": _s(raw[1]), "step": str(raw[2]), "attempt": str(raw[3])}
-        return -1, {}
+        calls = [self.call_args(enrollment_id, tr, now) for enrollment_id, tr in items]
+        out = []
+        for raw in await self._transition.run(calls):
+            if isinstance(raw, Exception):
+                raise raw
+            out.append(self._result(raw))
+        return out
 
     # -- reads --------------------------------------------------------------------------
 
@@ -220,22 +279,32 @@ class EnrollmentStore:
 
     async def count_by_state(self, campaign_id: str) -> dict[str, int]:
         """Enrollments of a campaign per state, from the index sets (O(1) each)."""
+        shards = self.keys.all_shards()
         async with self.redis.pipeline(transaction=False) as pipe:
-            for state in State:
-                pipe.scard(self.keys.state_index(campaign_id, state.value))
+            for shard in shards:
+                for state in _STATES:
+                    pipe.scard(shard.state_index(campaign_id, state))
             counts = await pipe.execute()
-        return {state.value: int(n) for state, n in zip(State, counts, strict=True)}
+        out = dict.fromkeys(_STATES, 0)
+        for i, n in enumerate(counts):
+            out[_STATES[i % len(_STATES)]] += int(n)
+        return out
 
     async def list_ids(self, campaign_id: str, state: str, limit: int = 100) -> list[str]:
         """Up to ``limit`` enrollment ids of a campaign in a state (SSCAN, not KEYS)."""
         out: list[str] = []
-        async for member in self.redis.sscan_iter(
-            self.keys.state_index(campaign_id, state), count=min(limit, 1000)
-        ):
-            out.append(_s(member))
-            if len(out) >= limit:
-                break
+        for shard in self.keys.all_shards():
+            async for member in self.redis.sscan_iter(
+                shard.state_index(campaign_id, state), count=min(limit, 1000)
+            ):
+                out.append(_s(member))
+                if len(out) >= limit:
+                    return out
         return out
+
+    def shard(self, enrollment_id: str) -> ShardKeys:
+        """Key names of the shard holding ``enrollment_id``."""
+        return self.keys.for_enrollment(enrollment_id)
 
 
 def to_status(

@@ -30,8 +30,7 @@ from app.connection import create_redis
 from app.settings import Settings
 from worker.actions import ActionContext, default_registry
 from worker.embedded_redis import EmbeddedRedis
-from worker.main import functions, make_hooks
-from worker.runtime import run_worker
+from worker.main import serve
 
 POLL = 0.01
 MAX_JOBS = 50
@@ -69,11 +68,8 @@ async def campaign_steps(url: str, n: int) -> float:
             "a": {"type": "action", "action": "noop", "next": None}}})  # fmt: skip
         await client.enroll_many("bench", ({"contact_id": f"c{i}"} for i in range(n)))
         stop = asyncio.Event()
-        on_startup, on_shutdown = make_hooks(settings, actions)
         started = time.perf_counter()
-        task = asyncio.create_task(run_worker(settings, functions(settings), on_startup=on_startup,
-                                              on_shutdown=on_shutdown, install_signal_handlers=False,
-                                              stop=stop))  # fmt: skip
+        task = asyncio.create_task(serve(settings, actions, install_signal_handlers=False, stop=stop))
         while (await client.service.store.count_by_state("bench"))["completed"] < n:
             await asyncio.sleep(0.01)
         elapsed = time.perf_counter() - started

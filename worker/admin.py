@@ -40,17 +40,23 @@ async def ping_workers(settings: Settings, wait_seconds: float) -> int:
     redis = create_redis(settings)
     token = uuid.uuid4().hex
     keys = Keys(settings.key_prefix)
+    # The job id carries the key prefix: arq's keys (arq:job:<id>) are shared by everyone.
+    job_id = f"{keys.prefix}:ping:{token}"
     try:
-        await redis.enqueue_job("ping", token, _job_id=f"ping:{token}")
+        await redis.enqueue_job("ping", token, _job_id=job_id, _queue_name=settings.arq_queue)
         deadline = time.monotonic() + wait_seconds
         while time.monotonic() < deadline:
-            raw = await redis.get(f"{keys.prefix}:ping:{token}")
+            raw = await redis.get(keys.ping(token))
             if raw:
                 doc = orjson.loads(raw)
                 print(f"pong from {doc['worker_id']} in {doc['finished'] - doc['started']:.3f}s")
                 return 0
             await asyncio.sleep(0.05)
-        await redis.zrem(settings.queue_name, f"ping:{token}")
+        # Leave nothing behind: a ping nobody ran must not hold its job key for days.
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(settings.arq_queue, job_id)
+            pipe.delete(f"arq:job:{job_id}")
+            await pipe.execute()
         print(f"no worker answered within {wait_seconds:g}s", file=sys.stderr)
         return 1
     finally:
@@ -220,14 +226,24 @@ async def replay(
 
 async def dead_letters(client: CampaignClient, limit: int, out: TextIO) -> int:
     """The poison jobs kept in the dead-letter list, newest first."""
-    keys = Keys(client.settings.key_prefix)
-    raw = await client.redis.lrange(keys.poison, 0, limit - 1)  # type: ignore[misc]
-    total = await client.redis.llen(keys.poison)  # type: ignore[misc]
+    keys = Keys(client.settings.key_prefix, client.settings.shards)
+    raw: list[bytes] = []
+    total = 0
+    for shard in keys.all_shards():
+        raw.extend(await client.redis.lrange(shard.dead, 0, limit - 1))  # type: ignore[misc]
+        total += await client.redis.llen(shard.dead)  # type: ignore[misc]
+    raw = raw[:limit]
     if not raw:
         print("no dead letters", file=out)
         return 0
     for item in raw:
-        doc = orjson.loads(item)
+        try:
+            doc = orjson.loads(item)
+        except orjson.JSONDecodeError:
+            doc = {
+                "reason": "unreadable entry",
+                "payload": item.decode("utf-8", "backslashreplace"),
+            }
         at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(doc.get("at", 0)))
         payload = (doc.get("payload") or "")[:100]
         print(f"{at}  {doc.get('job_id')}  {doc.get('reason')}  payload={payload!r}", file=out)

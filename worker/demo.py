@@ -26,9 +26,8 @@ from app.models import State
 from app.settings import Settings
 from worker.actions import default_registry
 from worker.embedded_redis import EmbeddedRedis, free_port
-from worker.main import functions, make_hooks
+from worker.main import serve
 from worker.metrics import metrics
-from worker.runtime import run_worker
 
 __all__ = ["find_demo_campaign", "run_demo"]
 
@@ -111,7 +110,7 @@ async def run_demo(
     # Own key prefix and queue, so a demo never touches real campaigns on a shared Redis.
     settings = settings.model_copy(update={
         "redis_url": SecretStr(redis_url),
-        "key_prefix": "campaign-demo", "queue_name": "campaign-demo:queue",
+        "key_prefix": "campaign-demo", "queue_name": "",
         "http_port": settings.http_port if os.environ.get("CAMPAIGN_HTTP_PORT") else 0,
         "poll_delay": min(settings.poll_delay, 0.02),
     })  # fmt: skip
@@ -121,11 +120,9 @@ async def run_demo(
     metrics.lateness_samples = lateness
     stop = asyncio.Event()
     actions = default_registry(settings.actions)
-    on_startup, on_shutdown = make_hooks(settings, actions)
-    worker_task = asyncio.create_task(run_worker(
-        settings, functions(settings), on_startup=on_startup, on_shutdown=on_shutdown,
-        install_signal_handlers=False, stop=stop,
-    ))  # fmt: skip
+    worker_task = asyncio.create_task(
+        serve(settings, actions, install_signal_handlers=False, stop=stop)
+    )
     client = CampaignClient(settings=settings)
     try:
         await client.redis.delete(

@@ -20,15 +20,11 @@ __all__ = ["OUTCOMES", "instrument", "instrument_all"]
 
 log = logging.getLogger("worker.jobs")
 
-#: Ids of jobs that ended by cancellation or an unexpected exception. The runtime checks
-#: these before arq deletes them (see SupervisedWorker.finish_job).
-ABNORMAL_ENDS: set[str] = set()
-
 #: Jobs whose span links to its producer instead of continuing its trace (see consumer_span).
 LINK_ONLY = frozenset({"fire_timeout"})
 
 #: Outcomes a job function may return to label its metrics; anything else counts as success.
-OUTCOMES = frozenset({"success", "retry", "failed", "stale", "rescheduled"})
+OUTCOMES = frozenset({"success", "retry", "failed", "stale", "rescheduled", "conflict"})
 
 
 _POSITIONAL = ("enrollment_id", "step", "attempt")
@@ -57,8 +53,7 @@ def instrument(function: Function) -> Function:
         if metrics.lateness_samples is not None and name != "ping":
             metrics.lateness_samples.append(lateness)
         outcome = "error"
-        settings = ctx.get("settings")
-        queue = settings.queue_name if settings is not None else "arq:queue"
+        queue = str(ctx.get("destination") or "arq:queue")
         carrier = kwargs.get("otel")
         with bind(job_id=ctx.get("job_id"), function=name, job_try=ctx.get("job_try"),
                   **_job_fields(args, kwargs)), consumer_span(
@@ -80,10 +75,6 @@ def instrument(function: Function) -> Function:
                 raise
             except asyncio.CancelledError:
                 outcome = "cancelled"
-                ABNORMAL_ENDS.add(str(ctx.get("job_id")))
-                raise
-            except Exception:
-                ABNORMAL_ENDS.add(str(ctx.get("job_id")))
                 raise
             finally:
                 duration = time.time() - start

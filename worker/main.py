@@ -2,33 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
-import aiohttp
 from arq.worker import func
 
-from app.scheduling import STEP_FUNCTION, TIMEOUT_FUNCTION, SchedulingService
+from app.jobs import STEP_FUNCTION, TIMEOUT_FUNCTION
+from app.scheduling import SchedulingService
 from app.settings import Settings
-from worker.actions import ActionRegistry, default_registry
+from worker.actions import ActionRegistry, default_registry, make_http_session
 from worker.diagnostics import ping
 from worker.metrics import metrics
 from worker.processors import fire_timeout, run_step
+from worker.reconciler import reconcile_cron
 from worker.runtime import run_worker
 from worker.telemetry import setup_tracing, shutdown_tracing
 
-__all__ = ["functions", "make_hooks", "run"]
+__all__ = ["campaign_functions", "functions", "make_hooks", "run", "serve"]
 
 log = logging.getLogger("worker.transitions")
 
 
 def functions(settings: Settings) -> list[Any]:
-    """The arq functions a campaign worker serves."""
-    return [
-        func(run_step, name=STEP_FUNCTION),
-        func(fire_timeout, name=TIMEOUT_FUNCTION),
-        func(ping, name="ping", max_tries=1),
-    ]
+    """The arq functions a campaign worker serves on arq's own queue."""
+    return [func(ping, name="ping", max_tries=1)]
+
+
+def campaign_functions() -> dict[str, Any]:
+    """The step engine's job functions, by name."""
+    return {STEP_FUNCTION: run_step, TIMEOUT_FUNCTION: fire_timeout}
 
 
 def _log_transition(enrollment_id: str, entry: dict[str, Any]) -> None:
@@ -49,9 +52,7 @@ def make_hooks(settings: Settings, actions: ActionRegistry) -> tuple[Any, Any]:
         service.on_transition = _log_transition
         ctx["service"] = service
         ctx["actions"] = actions
-        ctx["http"] = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=max(settings.max_jobs, 10))
-        )
+        ctx["http"] = make_http_session(settings)
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
         ctx["shutdown_done"] = True
@@ -62,15 +63,29 @@ def make_hooks(settings: Settings, actions: ActionRegistry) -> tuple[Any, Any]:
     return on_startup, on_shutdown
 
 
+async def serve(
+    settings: Settings,
+    actions: ActionRegistry,
+    *,
+    stop: asyncio.Event | None = None,
+    install_signal_handlers: bool = True,
+) -> int:
+    """Run a campaign worker (step engine, arq maintenance jobs, HTTP server) until SIGTERM
+    or ``stop``; returns the exit code."""
+    on_startup, on_shutdown = make_hooks(settings, actions)
+    return await run_worker(
+        settings, functions(settings), campaign_functions(),
+        cron_jobs=[reconcile_cron(settings)], on_startup=on_startup, on_shutdown=on_shutdown,
+        ctx={"action_names": actions.names()}, stop=stop,
+        install_signal_handlers=install_signal_handlers,
+    )  # fmt: skip
+
+
 async def run(settings: Settings) -> int:
     """Run the worker until SIGTERM; returns the exit code."""
     actions = default_registry(settings.actions)
-    on_startup, on_shutdown = make_hooks(settings, actions)
     setup_tracing()
     try:
-        return await run_worker(
-            settings, functions(settings), on_startup=on_startup, on_shutdown=on_shutdown,
-            ctx={"action_names": actions.names()},
-        )  # fmt: skip
+        return await serve(settings, actions)
     finally:
         shutdown_tracing()

@@ -35,7 +35,7 @@ class Metrics:
         self.jobs = Counter(
             "campaign_jobs_total",
             "Jobs finished, by function and outcome "
-            "(success, retry, failed, stale, rescheduled, error, cancelled)",
+            "(success, retry, failed, stale, rescheduled, conflict, error, cancelled)",
             ["function", "outcome"],
             registry=registry,
         )
@@ -58,8 +58,22 @@ class Metrics:
         )
         self.poison_jobs = Counter(
             "campaign_poison_jobs_total",
-            "Jobs dropped from the queue without running, by reason",
+            "Jobs dead-lettered without running, by reason (malformed: a queue entry or "
+            "payload of the wrong shape; undecodable: arq could not decode one of its own "
+            "jobs; unknown_function, expired, too_many_tries: arq's own jobs)",
             ["reason"],
+            registry=registry,
+        )
+        self.job_conflicts = Counter(
+            "campaign_job_conflicts_total",
+            "Transitions refused because the id of the job they would queue was taken",
+            registry=registry,
+        )
+        self.reconciled = Counter(
+            "campaign_reconciled_total",
+            "Active enrollments found without a job and repaired by the reconciler, by the "
+            "state they were found in",
+            ["state"],
             registry=registry,
         )
         self.action_calls = Counter(
@@ -138,8 +152,18 @@ class Metrics:
         )
 
 
-POISON_REASONS = ("undecodable", "unknown_function", "expired", "too_many_tries", "other")
-JOB_OUTCOMES = ("success", "retry", "failed", "stale", "rescheduled", "error", "cancelled")
+POISON_REASONS = (
+    "malformed",
+    "undecodable",
+    "unknown_function",
+    "expired",
+    "too_many_tries",
+    "other",
+)
+JOB_OUTCOMES = (
+    "success", "retry", "failed", "stale", "rescheduled", "conflict", "error", "cancelled",
+)  # fmt: skip
+RECONCILED_STATES = ("scheduled", "running", "waiting")
 ACTION_OUTCOMES = ("success", "transient", "permanent")
 
 
@@ -159,6 +183,8 @@ def prime(m: Metrics, functions: list[str], actions: list[str], states: list[str
         m.action_duration.labels(action=action)
     for state in states:
         m.transitions.labels(to_state=state)
+    for state in RECONCILED_STATES:
+        m.reconciled.labels(state=state)
 
 
 metrics = Metrics(REGISTRY)

@@ -1,8 +1,11 @@
-"""The campaign jobs: execute a step (``run_step``) and fire a wait's timeout (``fire_timeout``).
+"""The two campaign job processors: run a step (``run_step``) and fire a wait's timeout
+(``fire_timeout``).
 
-Both are safe to run twice, late, or after a cancel: every write is a transition that
-checks the enrollment's state and step, so a job that no longer matches is *stale* and
-does nothing but count itself.
+The step engine (:mod:`worker.engine`) claims a job, which starts its enrollment, then
+calls one of these with arq's calling convention (``ctx``, args, kwargs). Every write is a
+transition that checks the enrollment's state, step, attempt and current job, so a job
+that no longer matches is *stale* and does nothing but count itself; the transition that
+records the outcome also retires the job and queues the next one.
 """
 
 from __future__ import annotations
@@ -10,32 +13,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from arq import Retry
 from opentelemetry import trace
 
 from app.campaigns import ActionNode, Campaign
 from app.errors import CampaignNotFound
+from app.jobs import JobTarget
 from app.models import State
-from app.scheduling import JobTarget, SchedulingService, error_info
+from app.scheduling import SchedulingService, error_info
 from app.settings import Settings
+from app.store import Applied
 from app.tracing import tracer
 from worker.actions import ActionContext, ActionRegistry, PermanentError, TransientError
 from worker.logs import bind
 from worker.metrics import metrics
+from worker.redis_errors import is_redis_error
 from worker.retries import backoff_delay
 from worker.telemetry import mark_error
 
-__all__ = ["fire_timeout", "run_step"]
+__all__ = ["fire_timeout", "persist", "run_step"]
 
 log = logging.getLogger("worker.processors")
-
-#: arq re-runs a job whose bookkeeping failed unexpectedly (e.g. Redis went away mid-step)
-#: after this many seconds; the step's transitions make the re-run safe.
-_BOOKKEEPING_RETRY_SECONDS = 5
 
 
 def _trace_id() -> str | None:
@@ -57,19 +59,37 @@ def _annotate(target: JobTarget, node: str | None, step: int, attempt: int | Non
             span.set_attribute("campaign.attempt", int(attempt))
 
 
-def _budget(ctx: dict[str, Any]) -> float:
-    """Time a job may take before we give up on it ourselves. arq's own job timeout would
-    *fail* the job and drop it, leaving the enrollment active with no job; ending first
-    with ``Retry`` makes arq run it again instead."""
-    settings: Settings = ctx["settings"]
-    return max(0.1, settings.job_timeout * 0.95)
-
-
 def _call_timeout(node: ActionNode, settings: Settings) -> float:
-    """A handler must finish well inside the arq job timeout: if arq cut the job off, the
-    enrollment would stay 'running' until the job was re-run."""
+    """A handler must finish well inside the job budget, leaving time to record its outcome."""
     wanted = node.timeout.total_seconds() if node.timeout else settings.http_action_timeout
     return max(0.05, min(wanted, settings.job_timeout * 0.8))
+
+
+async def persist(ctx: dict[str, Any], write: Callable[[], Awaitable[Applied]]) -> Applied:
+    """Run a finishing write, retrying through Redis errors until the job's deadline.
+
+    Once an action has run, its outcome must be recorded rather than the step re-run: the
+    lease is still renewed meanwhile, so no other worker takes the step over.
+    """
+    deadline: float = ctx.get("deadline", time.monotonic() + 5.0)
+    pause = 0.05
+    while True:
+        try:
+            return await write()
+        except Exception as exc:
+            if not is_redis_error(exc) or time.monotonic() + pause >= deadline:
+                raise
+            log.warning("recording the outcome failed; retrying", extra={"error": repr(exc)})
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
+
+
+def _label(result: Applied, ok: str) -> str:
+    if result.job_conflict:
+        metrics.job_conflicts.inc()
+        log.error("job id conflict: the next job's id is taken", extra={"job": result.job_conflict})
+        return "conflict"
+    return ok if result.ok else "stale"
 
 
 async def run_step(
@@ -85,126 +105,66 @@ async def run_step(
     base: int = 0,
     otel: dict[str, str] | None = None,
 ) -> str:
-    """Execute one step job; returns the outcome label for metrics."""
+    """Execute one claimed step; returns the outcome label for metrics."""
     target = JobTarget(enrollment_id, campaign, int(version), tz, int(base))
+    record: dict[str, str] = ctx.get("record") or {}
+    attempt = int(record.get("attempt") or attempt)
     _annotate(target, node, step, attempt)
-    with bind(
-        enrollment_id=enrollment_id, campaign_id=campaign, node=node, step=step, attempt=attempt
-    ):
-        try:
-            async with asyncio.timeout(_budget(ctx)):
-                return await _run_step(ctx, target, int(step), int(attempt), node)
-        except (Retry, asyncio.CancelledError):
-            raise
-        except TimeoutError:
-            log.error("step took too long (Redis stalled?); arq will re-run the job")
-            raise Retry(defer=_BOOKKEEPING_RETRY_SECONDS) from None
-        except Exception:
-            log.exception("step bookkeeping failed; arq will re-run the job")
-            raise Retry(defer=_BOOKKEEPING_RETRY_SECONDS) from None
+    with bind(enrollment_id=enrollment_id, campaign_id=campaign, node=node, step=step,
+              attempt=attempt):  # fmt: skip
+        return await _run_step(ctx, target, int(step), attempt, node, record)
 
 
 async def _run_step(
-    ctx: dict[str, Any], target: JobTarget, step: int, attempt: int, node_id: str | None
+    ctx: dict[str, Any],
+    target: JobTarget,
+    step: int,
+    attempt: int,
+    node_id: str | None,
+    record: dict[str, str],
 ) -> str:
     service: SchedulingService = ctx["service"]
-    settings: Settings = ctx["settings"]
+    job_id: str = ctx["job_id"]
     try:
         campaign = await service.campaign_for(target.campaign_id, target.version)
     except CampaignNotFound as exc:
-        result = await service.fail(target, node=node_id, step=step, attempt=attempt,
-                                    error=error_info(exc), expect_state=State.SCHEDULED)  # fmt: skip
-        return "failed" if result.ok else "stale"
+        missing = error_info(exc)
+        result = await persist(ctx, lambda: service.fail(
+            target, job_id=job_id, node=node_id, step=step, attempt=attempt, error=missing))  # fmt: skip
+        return _label(result, "failed")
     node = campaign.nodes.get(node_id) if node_id is not None else None
     if not isinstance(node, ActionNode):
         # A delay led here: enter the wait or exit now that its time has come.
-        result = await service.enter(target, node=node_id, step=step, attempt=attempt)
-        return "success" if result.ok else "stale"
+        result = await persist(ctx, lambda: service.enter(
+            target, job_id=job_id, node=node_id, step=step, attempt=attempt))  # fmt: skip
+        return _label(result, "success")
+
+    if ctx.get("rerun"):
+        log.warning("step re-run: the worker running it stopped renewing its lease")
+        if attempt > node.retry.max_attempts:
+            error = {"type": "WorkerLost",
+                     "message": f"worker stopped mid-step; {attempt - 1} attempts used",
+                     "trace_id": _trace_id()}  # fmt: skip
+            result = await persist(ctx, lambda: service.fail(
+                target, job_id=job_id, node=node_id, step=step, attempt=attempt, error=error))  # fmt: skip
+            return _label(result, "failed")
 
     now = datetime.now(UTC)
     cal = campaign.calendar_for(target.timezone)
     if cal is not None and campaign.uses_business_hours(node) and not cal.is_open(now):
-        return await _defer(ctx, service, target, node_id or "", node, step,
-                            cal.next_open_spread(now, target.enrollment_id))  # fmt: skip
-
-    code, record = await service.store.claim(target.enrollment_id, step, attempt, node_id,
-                                             job_id=ctx.get("job_id"))  # fmt: skip
-    if code <= 0:
-        log.info("stale step job", extra={"current": record})
-        return "stale"
-    attempt = int(record["attempt"])
-    trace.get_current_span().set_attribute("campaign.attempt", attempt)
-    if service.on_transition is not None:
-        service.on_transition(target.enrollment_id, {
-            "from": "running" if code == 2 else "scheduled", "to": "running", "node": node_id,
-            "step": step, "attempt": attempt,
-            "reason": "job re-run after a worker stopped mid-step" if code == 2 else "job started",
-        })  # fmt: skip
-    with bind(attempt=attempt):
-        if code == 2:
-            log.warning("step re-run after a worker stopped mid-step")
-            if attempt > node.retry.max_attempts:
-                error = {
-                    "type": "WorkerLost",
-                    "message": f"worker stopped mid-step; {attempt - 1} attempts used",
-                    "trace_id": _trace_id(),
-                }
-                result = await service.fail(
-                    target, node=node_id, step=step, attempt=attempt, error=error
-                )
-                return "failed" if result.ok else "stale"
-        try:
-            return await _call_action(ctx, service, settings, campaign, target, node_id or "",
-                                      node, step, attempt, record)  # fmt: skip
-        except asyncio.CancelledError:
-            stopping = ctx.get("stopping")
-            if stopping is not None and stopping.is_set():
-                # Cut off by the shutdown grace: arq re-queues the job; hand the step back
-                # so the next worker runs it as the same attempt, not as a crash re-run.
-                await asyncio.shield(service.release(target, node=node_id, step=step,
-                                                     attempt=attempt, job_id=ctx.get("job_id")))  # fmt: skip
-            raise
-
-
-async def _defer(
-    ctx: dict[str, Any],
-    service: SchedulingService,
-    target: JobTarget,
-    node_id: str,
-    node: ActionNode,
-    step: int,
-    run_at: datetime,
-) -> str:
-    """The window is closed: move the step to ``run_at``, keeping its attempt count (a
-    crash re-run found here still counts as an attempt)."""
-    job_id = ctx.get("job_id")
-    rec = await service.store.record(target.enrollment_id)
-    if (
-        rec is None
-        or rec.get("job") != job_id
-        or rec.get("state") not in (State.SCHEDULED, State.RUNNING)
-        or int(rec.get("step", -1)) != step
-    ):
-        return "stale"
-    current = int(rec.get("attempt") or 1)
-    attempt = current + 1 if rec["state"] == State.RUNNING else current
-    if attempt > node.retry.max_attempts:
-        error = {"type": "WorkerLost", "message": f"worker stopped mid-step; {current} attempts used",
-                 "trace_id": _trace_id()}  # fmt: skip
-        result = await service.fail(target, node=node_id, step=step, attempt=current, error=error)
-        return "failed" if result.ok else "stale"
-    result = await service.defer(target, node=node_id, step=step, attempt=attempt, run_at=run_at,
-                                 job_id=job_id, expect_attempt=current)  # fmt: skip
-    if result.ok:
-        log.info("outside business hours: deferred", extra={"run_at": run_at.isoformat()})
-        return "rescheduled"
-    return "stale"
+        run_at = cal.next_open_spread(now, target.enrollment_id)
+        result = await persist(ctx, lambda: service.defer(
+            target, job_id=job_id, node=node_id or "", step=step, attempt=attempt, run_at=run_at))  # fmt: skip
+        if result.ok:
+            log.info("outside business hours: deferred", extra={"run_at": run_at.isoformat()})
+        return _label(result, "rescheduled")
+    return await _call_action(ctx, service, campaign, target, node_id or "", node, step, attempt,
+                              record)  # fmt: skip
 
 
 async def _call_action(
     ctx: dict[str, Any],
     service: SchedulingService,
-    settings: Settings,
     campaign: Campaign,
     target: JobTarget,
     node_id: str,
@@ -213,7 +173,9 @@ async def _call_action(
     attempt: int,
     record: dict[str, str],
 ) -> str:
+    settings: Settings = ctx["settings"]
     registry: ActionRegistry = ctx["actions"]
+    job_id: str = ctx["job_id"]
     handler = registry.get(node.action)
     if handler is None:
         error = {
@@ -222,8 +184,9 @@ async def _call_action(
             f"(known: {', '.join(registry.names())}; see CAMPAIGN_ACTIONS)",
             "trace_id": _trace_id(),
         }
-        result = await service.fail(target, node=node_id, step=step, attempt=attempt, error=error)
-        return "failed" if result.ok else "stale"
+        result = await persist(ctx, lambda: service.fail(
+            target, job_id=job_id, node=node_id, step=step, attempt=attempt, error=error))  # fmt: skip
+        return _label(result, "failed")
 
     timeout = _call_timeout(node, settings)
     secret = settings.http_action_secret
@@ -252,7 +215,8 @@ async def _call_action(
         ) as span:  # fmt: skip
             try:
                 try:
-                    outcome = await asyncio.wait_for(handler(action_ctx), timeout)
+                    async with asyncio.timeout(timeout):
+                        outcome = await handler(action_ctx)
                 except TimeoutError:
                     raise TransientError(
                         f"action {node.action!r} timed out after {timeout:g}s"
@@ -265,9 +229,10 @@ async def _call_action(
     except PermanentError as exc:
         outcome_label = "permanent"
         log.warning("action failed permanently", extra={"error": str(exc)})
-        result = await service.fail(target, node=node_id, step=step, attempt=attempt,
-                                    error=error_info(exc, trace_id=_trace_id()))  # fmt: skip
-        return "failed" if result.ok else "stale"
+        error = error_info(exc, trace_id=_trace_id())
+        result = await persist(ctx, lambda: service.fail(
+            target, job_id=job_id, node=node_id, step=step, attempt=attempt, error=error))  # fmt: skip
+        return _label(result, "failed")
     except Exception as exc:
         # TransientError, and anything unexpected from a handler: retrying is the safe bet.
         outcome_label = "transient"
@@ -278,16 +243,16 @@ async def _call_action(
                 f"{error['message']} (attempt {attempt} of {node.retry.max_attempts})"
             )
             log.warning("action failed, attempts exhausted", extra={"error": str(exc)})
-            result = await service.fail(
-                target, node=node_id, step=step, attempt=attempt, error=error
-            )
-            return "failed" if result.ok else "stale"
+            result = await persist(ctx, lambda: service.fail(
+                target, job_id=job_id, node=node_id, step=step, attempt=attempt, error=error))  # fmt: skip
+            return _label(result, "failed")
         delay = backoff_delay(node.retry, attempt, retry_after)
         log.info("action failed, will retry",
                  extra={"error": str(exc), "delay_seconds": round(delay.total_seconds(), 3)})  # fmt: skip
-        result = await service.retry(target, node=node_id, step=step, attempt=attempt,
-                                     delay=delay, error=error)  # fmt: skip
-        return "retry" if result.ok else "stale"
+        result = await persist(ctx, lambda: service.retry(
+            target, job_id=job_id, node=node_id, step=step, attempt=attempt, delay=delay,
+            error=error))  # fmt: skip
+        return _label(result, "retry")
     finally:
         metrics.action_calls.labels(action=node.action, outcome=outcome_label).inc()
         metrics.action_duration.labels(action=node.action).observe(time.perf_counter() - started)
@@ -296,14 +261,14 @@ async def _call_action(
         node.outcomes[outcome] if outcome is not None and outcome in node.outcomes else node.next
     )
     reason = f"{node.action} ok" + (f", outcome {outcome}" if outcome else "")
-    result = await service.advance(target, from_node=node_id, to_node=to_node, step=step,
-                                   attempt=attempt, reason=reason)  # fmt: skip
-    if not result.ok:
+    result = await persist(ctx, lambda: service.advance(
+        target, job_id=job_id, from_node=node_id, to_node=to_node, step=step, attempt=attempt,
+        reason=reason))  # fmt: skip
+    if not result.ok and not result.job_conflict:
         log.info(
             "enrollment changed while the action ran (cancelled?)", extra={"state": result.state}
         )
-        return "stale"
-    return "success"
+    return _label(result, "success")
 
 
 async def fire_timeout(
@@ -320,28 +285,22 @@ async def fire_timeout(
 ) -> str:
     """A wait's deadline: follow ``on_timeout`` if the enrollment still waits at ``step``."""
     service: SchedulingService = ctx["service"]
+    job_id: str = ctx["job_id"]
     target = JobTarget(enrollment_id, campaign, int(version), tz, int(base))
     _annotate(target, node, step, None)
     with bind(enrollment_id=enrollment_id, campaign_id=campaign, node=node, step=step):
         try:
-            async with asyncio.timeout(_budget(ctx)):
-                result = await service.fire_timeout(target, node=node, step=int(step))
-        except (Retry, asyncio.CancelledError):
-            raise
-        except TimeoutError:
-            log.error("timeout job took too long (Redis stalled?); arq will re-run it")
-            raise Retry(defer=_BOOKKEEPING_RETRY_SECONDS) from None
+            result = await persist(ctx, lambda: service.fire_timeout(
+                target, job_id=job_id, node=node, step=int(step)))  # fmt: skip
         except CampaignNotFound as exc:
-            log.error("timeout for a campaign version that no longer exists")
-            failed = await service.fail(target, node=node, step=int(step), attempt=None,
-                                        error=error_info(exc), expect_state=State.WAITING)  # fmt: skip
-            return "failed" if failed.ok else "stale"
-        except Exception:
-            log.exception("timeout bookkeeping failed; arq will re-run the job")
-            raise Retry(defer=_BOOKKEEPING_RETRY_SECONDS) from None
-        if not result.ok:
+            log.error("timeout for a campaign version or node that no longer exists")
+            missing = error_info(exc)
+            failed = await persist(ctx, lambda: service.fail(
+                target, job_id=job_id, node=node, step=int(step), attempt=None,
+                error=missing, expect_state=State.WAITING))  # fmt: skip
+            return _label(failed, "failed")
+        if not result.ok and not result.job_conflict:
             log.info(
                 "stale timeout job", extra={"state": result.state, "current_step": result.step}
             )
-            return "stale"
-        return "success"
+        return _label(result, "success")

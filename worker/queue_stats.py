@@ -10,7 +10,6 @@ import time
 from collections.abc import Awaitable, Callable
 
 from arq.connections import ArqRedis
-from arq.constants import in_progress_key_prefix
 
 from app.keys import Keys
 from app.models import State
@@ -20,8 +19,6 @@ from worker.metrics import Metrics, metrics
 __all__ = ["HEARTBEAT_STALE_SECONDS", "QueueStats", "workers_key"]
 
 HEARTBEAT_STALE_SECONDS = 30.0
-_OLDEST_PROBE = 50  # due jobs inspected, beyond the running ones, to find one not started
-_OLDEST_PROBE_MAX = 5000
 
 
 def workers_key(keys: Keys) -> str:
@@ -36,7 +33,7 @@ class QueueStats:
                  min_interval: float = 1.0) -> None:  # fmt: skip
         self.redis = redis
         self.settings = settings
-        self.keys = Keys(settings.key_prefix)
+        self.keys = Keys(settings.key_prefix, settings.shards)
         self.metrics = m
         self.min_interval = min_interval
         self._last = 0.0
@@ -46,62 +43,52 @@ class QueueStats:
         if now - self._last < self.min_interval:
             return
         self._last = now
-        queue = self.settings.queue_name
         now_ms = int(now * 1000)
         campaigns = sorted(
             m.decode() if isinstance(m, bytes) else str(m)
             for m in await self.redis.smembers(self.keys.campaigns)  # type: ignore[misc]
         )
+        shards = self.keys.all_shards()
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zcount(queue, "-inf", now_ms)
-            pipe.zcount(queue, f"({now_ms}", "+inf")
-            pipe.llen(self.keys.poison)
-            pipe.zcount(workers_key(self.keys), now - HEARTBEAT_STALE_SECONDS, "+inf")
+            pipe.zcount(self.keys.workers, now - HEARTBEAT_STALE_SECONDS, "+inf")
             pipe.info("memory")
+            for shard in shards:
+                pipe.zcount(shard.queue, "-inf", now_ms)
+                pipe.zcount(shard.queue, f"({now_ms}", "+inf")
+                pipe.zcard(shard.leases)
+                pipe.llen(shard.dead)
+                pipe.zrange(shard.queue, 0, 0, withscores=True)
             for cid in campaigns:
-                for state in State:
-                    pipe.scard(self.keys.state_index(cid, state.value))
+                for shard in shards:
+                    for state in State:
+                        pipe.scard(shard.state_index(cid, state.value))
             results = await pipe.execute()
-        due, deferred, dead, alive, memory = results[:5]
+        alive, memory = results[:2]
+        per_shard = results[2 : 2 + 5 * len(shards)]
+        due = sum(per_shard[0::5])
+        deferred = sum(per_shard[1::5])
+        running = sum(per_shard[2::5])
+        dead = sum(per_shard[3::5])
+        oldest = [float(first[0][1]) for first in per_shard[4::5] if first]
         self.metrics.redis_memory.labels(kind="used").set(int(memory.get("used_memory", 0)))
         self.metrics.redis_memory.labels(kind="max").set(int(memory.get("maxmemory", 0)))
+        self.metrics.queue_jobs.labels(state="due").set(due)
         self.metrics.queue_jobs.labels(state="deferred").set(deferred)
+        self.metrics.queue_jobs.labels(state="in_progress").set(running)
         self.metrics.dead_letters.set(dead)
         self.metrics.workers_alive.set(alive)
-        counts = iter(results[5:])
-        running = 0
+        # Running jobs sit in the leases set, so the queue's first entry is the oldest waiting.
+        first = min(oldest) if oldest else None
+        age = max(0.0, now - first / 1000) if first is not None and first <= now_ms else 0.0
+        self.metrics.oldest_due_age.set(age)
+        counts = iter(results[2 + 5 * len(shards) :])
         for cid in campaigns:
-            for state in State:
-                n = next(counts)
-                self.metrics.enrollments.labels(campaign=cid, state=state.value).set(n)
-                if state == State.RUNNING:
-                    running += n
-        self.metrics.queue_jobs.labels(state="in_progress").set(running)
-        # arq keeps a running job in its queue until it ends: those are not waiting.
-        self.metrics.queue_jobs.labels(state="due").set(max(0, due - running))
-        self.metrics.oldest_due_age.set(await self._oldest_waiting_age(now_ms, running))
-
-    async def _oldest_waiting_age(self, now_ms: int, running: int) -> float:
-        """Age of the oldest due job that has not started. Running jobs stay in arq's queue
-        and may be the oldest, so look past as many as are running."""
-        probe = min(running + _OLDEST_PROBE, _OLDEST_PROBE_MAX)
-        oldest = await self.redis.zrangebyscore(
-            self.settings.queue_name, "-inf", now_ms, start=0, num=probe, withscores=True
-        )
-        if not oldest:
-            return 0.0
-        now = now_ms / 1000
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id, _ in oldest:
-                pipe.exists(
-                    in_progress_key_prefix
-                    + (job_id.decode() if isinstance(job_id, bytes) else job_id)
-                )
-            started = await pipe.execute()
-        for (_, score), busy in zip(oldest, started, strict=True):
-            if not busy:
-                return max(0.0, now - float(score) / 1000)
-        return 0.0
+            totals = dict.fromkeys((s.value for s in State), 0)
+            for _shard in shards:
+                for state in State:
+                    totals[state.value] += next(counts)
+            for state_name, n in totals.items():
+                self.metrics.enrollments.labels(campaign=cid, state=state_name).set(n)
 
     def hook(self) -> Callable[[], Awaitable[None]]:
         return self.refresh

@@ -1,25 +1,32 @@
--- Atomically move one enrollment from an expected (state, step[, attempt]) to a new state,
--- append history, keep the state indexes, and add/remove the arq jobs that go with it.
+-- Atomically move one enrollment from an expected (state, step[, attempt, job]) to a new
+-- state: write the record, append history, keep the state index sets, and swap its job.
 --
--- KEYS[1] enrollment hash   KEYS[2] history list   KEYS[3] arq queue (sorted set)
+-- An active enrollment has exactly one current job (the record's `job` field). When a
+-- transition gives it a new job, or a state without one, the current job is retired here:
+-- taken off the queue, its lease and payload dropped. So finishing a step, retrying it and
+-- queueing the next node's job are one call.
+--
+-- KEYS[1] enrollment hash  KEYS[2] history list  KEYS[3] queue  KEYS[4] leases  KEYS[5] jobs
+-- KEYS[6..11] the campaign's index sets: scheduled running waiting completed failed cancelled
 -- ARGV[1] JSON operation:
+--   id          enrollment id (index set member)     campaign  its campaign id
 --   expect      {states = {...}, step = n|nil, attempt = n|nil, job = id|nil}
---               (nil: any; job: the record's current job must be this one)
---   create      true to create the record (KEYS[1] must not exist unless reentry allows)
---   reentry     with create: a terminal record may be replaced (its step must equal expect.step)
---   set         {field = "value", ...}       unset {field, ...}
---   history     {json-string, ...}           history_limit n
---   add_job     {id=, payload=, score=ms, ttl=ms} or nil
---   remove_jobs {id, ...}
---   idx_prefix  prefix of the state index sets ("<prefix>:idx:")
--- Returns {1, new_state} | {0, current_state, current_step} (precondition failed)
---       | {-1} (no such enrollment) | {-2, job_id} (job id taken: nothing written)
+--   create      create the record (it must not exist, unless `reentry` and it is terminal
+--               with step == expect.step)
+--   set, unset  fields to write / delete          history {json, ...}  history_limit n
+--   add_job     {id, payload, score}: becomes the current job
+--   requeue     ms: hand the current job back (lease dropped, queued at ms), keep it current
+--   orphan      true: only if the current job is neither queued nor leased (reconciler)
+-- Returns {1, new_state} | {0, state, step} precondition failed | {-1} no such enrollment
+--       | {-2, job_id} job id taken by another enrollment | {-3} current job is not orphaned
 local op = cjson.decode(ARGV[1])
-local enr, hist, queue = KEYS[1], KEYS[2], KEYS[3]
-local id = string.sub(enr, string.len(op.enr_prefix) + 1)
+local enr, hist, queue, leases, jobs = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local index = {scheduled = KEYS[6], running = KEYS[7], waiting = KEYS[8],
+               completed = KEYS[9], failed = KEYS[10], cancelled = KEYS[11]}
+local function given(v) return v ~= nil and v ~= cjson.null end
 
-local current = redis.call('HMGET', enr, 'state', 'step', 'attempt', 'campaign')
-local state, step, attempt, campaign = current[1], current[2], current[3], current[4]
+local cur = redis.call('HMGET', enr, 'state', 'step', 'attempt', 'campaign', 'job')
+local state, step, attempt, campaign, current_job = cur[1], cur[2], cur[3], cur[4], cur[5]
 
 if op.create then
   if state then
@@ -32,37 +39,45 @@ if op.create then
   end
 else
   if not state then return {-1} end
+  if campaign ~= op.campaign then return {0, state, tonumber(step)} end
   local ok = false
   for _, s in ipairs(op.expect.states) do
     if s == state then ok = true end
   end
-  if op.expect.step ~= nil and op.expect.step ~= cjson.null and tonumber(step) ~= op.expect.step then ok = false end
-  if op.expect.attempt ~= nil and op.expect.attempt ~= cjson.null and tonumber(attempt) ~= op.expect.attempt then ok = false end
-  if op.expect.job ~= nil and op.expect.job ~= cjson.null and redis.call('HGET', enr, 'job') ~= op.expect.job then ok = false end
+  if given(op.expect.step) and tonumber(step) ~= op.expect.step then ok = false end
+  if given(op.expect.attempt) and tonumber(attempt) ~= op.expect.attempt then ok = false end
+  if given(op.expect.job) and current_job ~= op.expect.job then ok = false end
   if not ok then return {0, state, tonumber(step)} end
 end
 
-local job = op.add_job
-if job ~= nil and job ~= cjson.null then
-  if redis.call('EXISTS', 'arq:job:' .. job.id, 'arq:result:' .. job.id) > 0 then
-    return {-2, job.id}
+if op.orphan and current_job then
+  if redis.call('ZSCORE', queue, current_job) or redis.call('ZSCORE', leases, current_job) then
+    return {-3}
   end
 end
 
--- All checks passed: write.
-if op.remove_jobs then
-  for _, jid in ipairs(op.remove_jobs) do
-    redis.call('ZREM', queue, jid)
-    redis.call('DEL', 'arq:job:' .. jid, 'arq:retry:' .. jid)
-  end
+local job = op.add_job
+if given(job) and job.id ~= current_job and redis.call('HEXISTS', jobs, job.id) == 1 then
+  return {-2, job.id}
 end
-if job ~= nil and job ~= cjson.null then
-  redis.call('SET', 'arq:job:' .. job.id, job.payload, 'PX', job.ttl)
+
+-- All checks passed: write.
+if given(op.requeue) then
+  if current_job and redis.call('HEXISTS', jobs, current_job) == 1 then
+    redis.call('ZREM', leases, current_job)
+    redis.call('ZADD', queue, op.requeue, current_job)
+  end
+elseif current_job and (given(job) or op.set.state) then
+  redis.call('ZREM', queue, current_job)
+  redis.call('ZREM', leases, current_job)
+  redis.call('HDEL', jobs, current_job)
+end
+if given(job) then
+  redis.call('HSET', jobs, job.id, job.payload)
   redis.call('ZADD', queue, job.score, job.id)
 end
 
 local new_state = op.set.state or state
-local new_campaign = op.set.campaign or campaign
 if op.unset and #op.unset > 0 then
   redis.call('HDEL', enr, unpack(op.unset))
 end
@@ -73,9 +88,9 @@ for k, v in pairs(op.set) do
 end
 if #flat > 0 then redis.call('HSET', enr, unpack(flat)) end
 
-if state ~= new_state or campaign ~= new_campaign then
-  if state then redis.call('SREM', op.idx_prefix .. campaign .. ':' .. state, id) end
-  redis.call('SADD', op.idx_prefix .. new_campaign .. ':' .. new_state, id)
+if state ~= new_state then
+  if state then redis.call('SREM', index[state], op.id) end
+  redis.call('SADD', index[new_state], op.id)
 end
 
 if op.history and #op.history > 0 then
