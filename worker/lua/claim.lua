@@ -55,7 +55,7 @@ local function check(id, payload)
   if not utf8_ok(id) then return 'job id is not UTF-8' end
   if not utf8_ok(payload) then return 'payload is not UTF-8' end
   local ok, d = pcall(cjson.decode, payload)
-  if not ok or type(d) ~= 'table' then return 'payload is not a JSON object' end
+  if not ok or type(d) ~= 'table' or d[1] ~= nil then return 'payload is not a JSON object' end
   if d.f ~= 'run_step' and d.f ~= 'fire_timeout' then return 'f: not a campaign job function' end
   if type(d.a) ~= 'table' or type(d.a[1]) ~= 'string' or not whole(d.a[2]) then
     return 'a: expected [enrollment_id, step, ...]'

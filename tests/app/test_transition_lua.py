@@ -1,5 +1,5 @@
-"""The Lua scripts (app/lua/transition.lua, app/lua/claim.lua), driven directly through
-EnrollmentStore on a real Redis: preconditions, what is written and what is not."""
+"""The transition script (app/lua/transition.lua), driven directly through EnrollmentStore
+on a real Redis: preconditions, what is written and what is not, and the job swap."""
 
 from __future__ import annotations
 
@@ -10,18 +10,17 @@ import pytest
 
 from app.keys import Keys
 from app.settings import Settings
-from app.store import EnrollmentStore, Job, Transition, now_ms
+from app.jobs import Job
+from app.store import EnrollmentStore, Transition, now_ms
 
 EID = "c:x"
 KEYS = Keys("campaign")
-EXTRA_MS = 60_000
+SHARD = KEYS.for_enrollment(EID)
 
 
 @pytest.fixture
 def store(redis: Any, settings: Settings) -> EnrollmentStore:
-    return EnrollmentStore(
-        redis, KEYS, settings.queue_name, history_limit=5, job_expiry_extra_ms=EXTRA_MS
-    )
+    return EnrollmentStore(redis, KEYS, history_limit=5)
 
 
 def entry(to: str, reason: str = "", **extra: Any) -> dict[str, Any]:
@@ -48,6 +47,7 @@ async def create(
     add_job: Job | None = None,
 ) -> None:
     tr = Transition(
+        campaign_id="c",
         create=True,
         expect_step=0,
         set={
@@ -74,6 +74,7 @@ def move(
     **kw: Any,
 ) -> Transition:
     return Transition(
+        campaign_id="c",
         expect_states=(expect,),
         expect_step=step,
         expect_attempt=attempt,
@@ -91,7 +92,7 @@ async def snapshot(redis: Any) -> dict[bytes, bytes]:
 async def indexed(redis: Any, eid: str = EID) -> list[str]:
     """The index sets that hold ``eid``."""
     found = []
-    for key in sorted(await redis.keys(KEYS.state_index("c", "*"))):
+    for key in sorted(await redis.keys(SHARD.state_index("c", "*"))):
         if await redis.sismember(key, eid):
             found.append(key.decode().rsplit(":", 1)[1])
     return found
@@ -120,24 +121,23 @@ async def test_create_writes_record_history_index_and_job(
     }
     assert [h["reason"] for h in await history(redis)] == ["created"]
     assert await indexed(redis) == ["scheduled"]
-    assert await redis.zscore(settings.queue_name, "step:c:x:1:1") == score
-    payload = orjson.loads(await redis.get("arq:job:step:c:x:1:1"))
-    assert (payload["f"], payload["a"], payload["k"]) == (
+    assert await redis.zscore(SHARD.queue, "step:c:x:1:1") == score
+    payload = orjson.loads(await redis.hget(SHARD.jobs, "step:c:x:1:1"))
+    assert (payload["f"], payload["a"], payload["k"], payload["t"]) == (
         "run_step",
         [EID, 1, 1],
         {"campaign": "c", "node": "a"},
+        1,
     )
-    assert (
-        3_600_000 + EXTRA_MS - 5_000
-        < await redis.pttl("arq:job:step:c:x:1:1")
-        <= 3_600_000 + EXTRA_MS
-    )
+    # no expiry: a job lives until the transition that retires it
+    assert await redis.ttl(SHARD.jobs) == -1
 
 
 async def test_create_refuses_an_existing_record(store: EnrollmentStore, redis: Any) -> None:
     await create(store)
     before = await snapshot(redis)
     again = Transition(
+        campaign_id="c",
         create=True,
         expect_step=0,
         set={"state": "waiting", "campaign": "c"},
@@ -166,6 +166,7 @@ async def test_reentry_replaces_only_a_terminal_record_at_the_expected_step(
     await create(store, state=state, step=3)
     before = await snapshot(redis)
     tr = Transition(
+        campaign_id="c",
         create=True,
         reentry=True,
         expect_step=expect_step,
@@ -197,7 +198,6 @@ async def test_precondition_mismatch_returns_the_current_state_and_writes_nothin
 ) -> None:
     await create(store, add_job=job())
     tr.add_job = job("step:c:x:2:1")
-    tr.remove_jobs = ["step:c:x:1:1"]
     tr.unset = ["node"]
     before = await snapshot(redis)
     applied = await store.apply(EID, tr)
@@ -208,7 +208,7 @@ async def test_precondition_mismatch_returns_the_current_state_and_writes_nothin
         False,
     )
     assert await snapshot(redis) == before
-    assert await redis.zscore(settings.queue_name, "step:c:x:1:1") is not None
+    assert await redis.zscore(SHARD.queue, "step:c:x:1:1") is not None
 
 
 async def test_matching_state_step_and_attempt_applies(store: EnrollmentStore) -> None:
@@ -225,7 +225,7 @@ async def test_no_expected_step_means_any_step(store: EnrollmentStore) -> None:
 async def test_missing_record_returns_missing_and_writes_nothing(
     store: EnrollmentStore, redis: Any
 ) -> None:
-    tr = move("running", add_job=job(), remove_jobs=["other"])
+    tr = move("running", add_job=job())
     applied = await store.apply(EID, tr)
     assert (applied.ok, applied.missing) == (False, True)
     assert await redis.keys("*") == []
@@ -238,9 +238,9 @@ async def test_index_sets_follow_the_state(store: EnrollmentStore, redis: Any) -
     for old, new in (("scheduled", "running"), ("running", "waiting"), ("waiting", "completed")):
         assert (await store.apply(eid, move(new, expect=old))).ok
         assert await indexed(redis, eid) == [new]
-        assert await redis.scard(KEYS.state_index("c", old)) == 0
+        assert await redis.scard(SHARD.state_index("c", old)) == 0
     # a transition that keeps the state leaves the index alone
-    same = Transition(expect_states=("completed",), set={"updated_at": "1"})
+    same = Transition(campaign_id="c", expect_states=("completed",), set={"updated_at": "1"})
     assert (await store.apply(eid, same)).ok
     assert await indexed(redis, eid) == ["completed"]
     assert await store.count_by_state("c") == {
@@ -257,40 +257,71 @@ async def test_index_sets_follow_the_state(store: EnrollmentStore, redis: Any) -
 async def test_history_is_capped_at_the_limit(store: EnrollmentStore, redis: Any) -> None:
     await create(store)
     for n in range(11):
-        tr = Transition(expect_states=("scheduled",), history=[entry("scheduled", f"n{n}")])
+        tr = Transition(
+            campaign_id="c", expect_states=("scheduled",), history=[entry("scheduled", f"n{n}")]
+        )
         assert (await store.apply(EID, tr)).ok
     assert [h["reason"] for h in await history(redis)] == ["n6", "n7", "n8", "n9", "n10"]
-    code, _ = await store.claim(EID, 1, 1, "a")
-    assert code == 1
-    reasons = [h["reason"] for h in await history(redis)]
-    assert reasons == ["n7", "n8", "n9", "n10", "job started"]
 
 
-async def test_remove_jobs_deletes_the_queue_entry_job_and_retry_keys(
-    store: EnrollmentStore, redis: Any, settings: Settings
-) -> None:
+async def test_a_new_state_retires_the_current_job(store: EnrollmentStore, redis: Any) -> None:
     await create(store, add_job=job())
-    await redis.set("arq:retry:step:c:x:1:1", 1)
-    tr = move("cancelled", remove_jobs=["step:c:x:1:1", "not-there"], unset=["node"])
+    await redis.zadd(SHARD.leases, {"step:c:x:1:1": 1})  # as if a worker held it too
+    tr = move("cancelled", unset=["node", "job"])
     assert (await store.apply(EID, tr)).ok
-    assert await redis.zcard(settings.queue_name) == 0
-    assert not await redis.exists("arq:job:step:c:x:1:1", "arq:retry:step:c:x:1:1")
+    assert await redis.zcard(SHARD.queue) == 0
+    assert await redis.zcard(SHARD.leases) == 0
+    assert not await redis.hexists(SHARD.jobs, "step:c:x:1:1")
     record = await store.record(EID)
     assert record is not None and record["state"] == "cancelled" and "node" not in record
 
 
-@pytest.mark.parametrize("taken", ["arq:job:step:c:x:2:1", "arq:result:step:c:x:2:1"])
-async def test_a_taken_job_id_is_a_conflict_and_writes_nothing(
-    store: EnrollmentStore, redis: Any, taken: str
+async def test_a_new_job_replaces_the_current_one(store: EnrollmentStore, redis: Any) -> None:
+    await create(store, add_job=job())
+    tr = move("scheduled", add_job=job("step:c:x:1:2", score=5))
+    tr.set["job"] = "step:c:x:1:2"
+    assert (await store.apply(EID, tr)).ok
+    assert await redis.zrange(SHARD.queue, 0, -1, withscores=True) == [(b"step:c:x:1:2", 5.0)]
+    assert await redis.hkeys(SHARD.jobs) == [b"step:c:x:1:2"]
+
+
+async def test_requeue_hands_the_job_back_and_keeps_it(store: EnrollmentStore, redis: Any) -> None:
+    await create(store, state="running", add_job=job())
+    await redis.zrem(SHARD.queue, "step:c:x:1:1")
+    await redis.zadd(SHARD.leases, {"step:c:x:1:1": now_ms() + 10_000})
+    tr = move("scheduled", expect="running", requeue_ms=42)
+    tr.expect_job = "step:c:x:1:1"
+    assert (await store.apply(EID, tr)).ok
+    assert await redis.zrange(SHARD.queue, 0, -1, withscores=True) == [(b"step:c:x:1:1", 42.0)]
+    assert await redis.zcard(SHARD.leases) == 0
+    assert await redis.hexists(SHARD.jobs, "step:c:x:1:1")
+
+
+async def test_only_the_current_job_may_finish(store: EnrollmentStore, redis: Any) -> None:
+    await create(store, state="running", add_job=job())
+    tr = move("completed", expect="running")
+    tr.expect_job = "step:c:x:1:1@123"  # a superseded job
+    before = await snapshot(redis)
+    assert not (await store.apply(EID, tr)).ok
+    assert await snapshot(redis) == before
+
+
+@pytest.mark.parametrize("where", ["queue", "leases"])
+async def test_orphan_repair_refuses_a_job_that_is_queued_or_leased(
+    store: EnrollmentStore, redis: Any, where: str
 ) -> None:
     await create(store, add_job=job())
-    await redis.set(taken, b"{}")
+    if where == "leases":
+        await redis.zrem(SHARD.queue, "step:c:x:1:1")
+        await redis.zadd(SHARD.leases, {"step:c:x:1:1": 1})
     before = await snapshot(redis)
-    applied = await store.apply(
-        EID, move("scheduled", add_job=job("step:c:x:2:1"), remove_jobs=["step:c:x:1:1"])
-    )
-    assert (applied.ok, applied.job_conflict) == (False, "step:c:x:2:1")
+    tr = move("scheduled", add_job=job(), orphan=True)
+    assert (await store.apply(EID, tr)).not_orphan
     assert await snapshot(redis) == before
+    await redis.zrem(SHARD.queue, "step:c:x:1:1")
+    await redis.zrem(SHARD.leases, "step:c:x:1:1")
+    assert (await store.apply(EID, tr)).ok
+    assert await redis.zscore(SHARD.queue, "step:c:x:1:1") is not None
 
 
 async def test_values_pass_through_the_script_unchanged(store: EnrollmentStore, redis: Any) -> None:
@@ -299,7 +330,10 @@ async def test_values_pass_through_the_script_unchanged(store: EnrollmentStore, 
     at = now_ms()
     hist = {"at": at, "to": "scheduled", "node": None, "step": 1, "reason": odd}
     tr = Transition(
-        expect_states=("scheduled",), set={"attributes": odd, "empty": ""}, history=[hist]
+        campaign_id="c",
+        expect_states=("scheduled",),
+        set={"attributes": odd, "empty": ""},
+        history=[hist],
     )
     assert (await store.apply(EID, tr)).ok
     record = await store.record(EID)
@@ -318,88 +352,3 @@ async def test_apply_many_runs_independent_transitions(store: EnrollmentStore) -
         (False, True, None),
         (False, False, "running"),
     ]
-
-
-# --- claim.lua -------------------------------------------------------------------------
-
-
-async def test_claim_moves_scheduled_to_running(store: EnrollmentStore, redis: Any) -> None:
-    await create(store)
-    code, record = await store.claim(EID, 1, 1, "a")
-    assert code == 1
-    assert (record["state"], record["step"], record["attempt"], record["node"]) == (
-        "running",
-        "1",
-        "1",
-        "a",
-    )
-    assert await store.record(EID) == record
-    assert await indexed(redis) == ["running"]
-    last = (await history(redis))[-1]
-    assert {k: last[k] for k in ("from", "to", "node", "step", "attempt", "reason")} == {
-        "from": "scheduled",
-        "to": "running",
-        "node": "a",
-        "step": 1,
-        "attempt": 1,
-        "reason": "job started",
-    }
-
-
-async def test_claim_of_a_running_record_is_a_crash_rerun(
-    store: EnrollmentStore, redis: Any
-) -> None:
-    await create(store)
-    job = (await store.record(EID) or {})["job"]
-    assert (await store.claim(EID, 1, 1, "a", job_id=job))[0] == 1
-    code, record = await store.claim(EID, 1, 1, "a", job_id=job)  # arq re-ran the job
-    assert code == 2
-    assert (record["state"], record["attempt"]) == ("running", "2")
-    assert (await store.record(EID) or {})["attempt"] == "2"
-    assert await indexed(redis) == ["running"]
-    last = (await history(redis))[-1]
-    assert (last["from"], last["to"], last["attempt"]) == ("running", "running", 2)
-    assert last["reason"] == "job re-run after a worker stopped mid-step"
-    # the same job dying again is another re-run
-    assert (await store.claim(EID, 1, 1, "a", job_id=job))[1]["attempt"] == "3"
-
-
-async def test_only_the_current_job_may_claim(store: EnrollmentStore, redis: Any) -> None:
-    await create(store)
-    job = (await store.record(EID) or {})["job"]
-    assert (await store.claim(EID, 1, 1, "a", job_id=job + "@123"))[0] == 0  # superseded
-    assert (await store.claim(EID, 1, 1, "a", job_id=job))[0] == 1
-    # a stale duplicate of another job of this step must not take over the running step
-    code, current = await store.claim(EID, 1, 1, "a", job_id="step:other:1:1")
-    assert code == 0 and current["state"] == "running" and current["attempt"] == "1"
-
-
-@pytest.mark.parametrize(
-    ("state", "attempt", "claim_step", "claim_attempt"),
-    [
-        ("scheduled", 1, 2, 1),  # another step's job
-        ("scheduled", 2, 1, 1),  # an older attempt's job (a retry is scheduled)
-        ("running", 1, 1, 2),  # a newer attempt than the one running
-        ("waiting", 1, 1, 1),  # the step already moved to a wait
-        ("cancelled", 1, 1, 1),
-    ],
-)
-async def test_claim_of_a_job_that_does_not_match_is_stale(
-    store: EnrollmentStore,
-    redis: Any,
-    state: str,
-    attempt: int,
-    claim_step: int,
-    claim_attempt: int,
-) -> None:
-    await create(store, state=state, attempt=attempt)
-    before = await snapshot(redis)
-    code, current = await store.claim(EID, claim_step, claim_attempt, "a")
-    assert code == 0
-    assert current == {"state": state, "step": "1", "attempt": str(attempt)}
-    assert await snapshot(redis) == before
-
-
-async def test_claim_of_a_missing_record(store: EnrollmentStore, redis: Any) -> None:
-    assert await store.claim(EID, 1, 1, "a") == (-1, {})
-    assert await redis.keys("*") == []
