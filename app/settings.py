@@ -6,9 +6,13 @@ standard ``OTEL_*`` variables are read by the OpenTelemetry SDK itself.
 
 from __future__ import annotations
 
+import ipaddress
+import math
+import re
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote_plus, urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -34,7 +38,8 @@ class Settings(BaseSettings):
     redis_url: SecretStr = Field(
         default=SecretStr("redis://localhost:6379/0"),
         validation_alias=AliasChoices("REDIS_URL", "CAMPAIGN_REDIS_URL"),
-        description="Redis to use: redis://[user:pass@]host:port/db, rediss:// for TLS, unix://",
+        description="Redis to use: redis://[user:pass@]host:port/db, rediss:// for TLS, "
+        "unix:///path/to/redis.sock?db=N",
     )
     key_prefix: str = Field(
         default="campaign", min_length=1, description="Prefix of every key this service writes"
@@ -48,36 +53,56 @@ class Settings(BaseSettings):
     job_timeout: float = Field(
         default=60.0,
         gt=0,
-        description="Seconds a job may take (a step past 95 % of it is re-run; its handler "
-        "gets at most 80 %); a killed worker's job is re-run after this plus 10 s",
+        le=86_400,
+        allow_inf_nan=False,
+        description="Seconds a job may take, at most 86400 (a step past 95 % of it is re-run; "
+        "its handler gets at most 80 %); a killed worker's job is re-run after this plus 10 s",
     )
     max_tries: int = Field(
         default=20,
         gt=0,
-        description="arq-level starts of one job (crash re-runs) before it is dropped",
+        le=1000,
+        description="arq-level starts of one job (crash re-runs) before it is dropped, 1 to 1000",
     )
     keep_result: float = Field(
         default=0.0,
         ge=0,
-        description="Seconds arq keeps a job result (state lives in the enrollment)",
+        le=30 * 86_400,
+        allow_inf_nan=False,
+        description="Seconds arq keeps a job result, at most 2592000 (30 days; state lives "
+        "in the enrollment)",
     )
     poll_delay: float = Field(
-        default=0.05, gt=0, le=5, description="Seconds between queue polls (bounds lateness)"
+        default=0.05,
+        gt=0,
+        le=5,
+        allow_inf_nan=False,
+        description="Seconds between queue polls (bounds lateness), at most 5",
     )
     job_expiry_extra: float = Field(
-        default=7 * 86400.0,
-        gt=0,
-        description="Seconds a queued job key outlives its due time",
+        default=7 * 86_400.0,
+        ge=60,
+        le=366 * 86_400,
+        allow_inf_nan=False,
+        description="Seconds a queued job key outlives its due time, 60 to 31622400 (366 days)",
     )
     http_host: str = Field(default="0.0.0.0", description="Health and metrics server address")  # noqa: S104
     http_port: int = Field(
         default=8080, ge=0, le=65535, description="Health and metrics server port"
     )
     shutdown_grace: float = Field(
-        default=20.0, ge=0, description="Seconds running jobs get to finish after SIGTERM"
+        default=20.0,
+        ge=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="Seconds running jobs get to finish after SIGTERM, at most 3600",
     )
     redis_backoff_max: float = Field(
-        default=2.0, gt=0, description="Cap of the reconnect backoff in seconds"
+        default=2.0,
+        ge=0.1,
+        le=300,
+        allow_inf_nan=False,
+        description="Cap of the reconnect backoff in seconds",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Log level"
@@ -85,19 +110,33 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "text"] = Field(
         default="auto", description="json lines, text, or auto (text on a terminal)"
     )
-    history_limit: int = Field(default=100, gt=0, description="History entries kept per enrollment")
+    history_limit: int = Field(
+        default=100,
+        gt=0,
+        le=10_000,
+        description="History entries kept per enrollment, 1 to 10000",
+    )
     max_steps: int = Field(
-        default=1000, gt=0, description="Steps one enrollment may take before it is failed"
+        default=1000,
+        gt=0,
+        le=1_000_000,
+        description="Steps one enrollment may take before it is failed, 1 to 1000000",
     )
     actions: str = Field(
         default="",
         description="Comma-separated import paths of modules or objects that register action handlers",
     )
     http_action_timeout: float = Field(
-        default=10.0, gt=0, description="Default seconds for an http action call"
+        default=10.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="Default seconds for an http action call, at most 3600",
     )
     http_action_secret: SecretStr | None = Field(
-        default=None, description="When set, http actions carry an HMAC-SHA256 signature header"
+        default=None,
+        description="When set, http actions carry an HMAC-SHA256 signature header; "
+        "set but empty is an error",
     )
     http_allowed_hosts: str = Field(
         default="",
@@ -114,6 +153,7 @@ class Settings(BaseSettings):
         default=10.0,
         ge=1,
         le=300,
+        allow_inf_nan=False,
         description="Seconds a running step's lease lasts; a step whose worker died is re-run "
         "after this (renewed every lease/3 while it runs)",
     )
@@ -148,20 +188,32 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, value: SecretStr) -> SecretStr:
-        raw = value.get_secret_value()
-        parts = urlsplit(raw)
-        if parts.scheme not in {"redis", "rediss", "unix"}:
-            raise ValueError("must be a redis://, rediss:// or unix:// URL")
-        if parts.scheme != "unix" and not parts.hostname:
-            raise ValueError("has no host")
-        try:
-            _ = parts.port
-        except ValueError:
-            raise ValueError("has a bad port") from None
-        db = parts.path.lstrip("/")
-        if parts.scheme != "unix" and db and not db.isdigit():
-            raise ValueError("database must be a number")
+        check_redis_url(value.get_secret_value())
         return value
+
+    @field_validator("http_action_secret")
+    @classmethod
+    def _check_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("is set but empty; unset it to send http actions unsigned")
+        return value
+
+    @field_validator("http_allowed_hosts")
+    @classmethod
+    def _check_allowed_hosts(cls, value: str) -> str:
+        for entry in (e.strip() for e in value.split(",")):
+            if entry and not _is_host_pattern(entry):
+                raise ValueError(
+                    f"entry {entry[:80]!r} is not a host name, *.domain, IP address or CIDR"
+                )
+        return value
+
+    @field_validator("http_host")
+    @classmethod
+    def _check_http_host(cls, value: str) -> str:
+        if value == "" or _is_ip(value) or _HOST_NAME.fullmatch(value):
+            return value
+        raise ValueError("must be an IP address or a host name")
 
     @classmethod
     def load(cls, **overrides: object) -> Settings:
@@ -181,13 +233,165 @@ class Settings(BaseSettings):
         return redact_url(self.redis_url.get_secret_value())
 
 
+#: Query parameters of a Redis URL whose values are secret (matched in lower case).
+_SECRET_PARAM = re.compile(r"pass|pwd|secret|token|auth|credential")
+
+
 def redact_url(url: str) -> str:
-    """Replace the password of a URL with ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    """The URL with its password (userinfo) and secret-looking query parameters as ``***``.
+
+    Safe for logs and error messages: also a URL that does not parse is never echoed.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    netloc = parts.netloc
+    userinfo, at, hostport = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:***@{hostport}"
+    rest = url[len(parts.scheme) + 1 :] if parts.scheme else url
+    out = f"{parts.scheme}:" if parts.scheme else ""
+    if netloc or rest.startswith("//"):
+        out += f"//{netloc}"  # kept for unix:///path (urlunsplit would drop the "//")
+    out += parts.path
+    if parts.query:
+        out += f"?{_redact_params(parts.query)}"
+    if parts.fragment:
+        out += f"#{_redact_params(parts.fragment)}"
+    return out
+
+
+def _redact_params(text: str) -> str:
+    if not text:
+        return text
+    out = []
+    for item in text.split("&"):
+        name, eq, _value = item.partition("=")
+        if eq and _SECRET_PARAM.search(unquote_plus(name).lower()):
+            item = f"{name}=***"
+        out.append(item)
+    return "&".join(out)
+
+
+_HOST_NAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
+)
+
+
+def _is_host_pattern(entry: str) -> bool:
+    """A host name, ``*.`` and a domain, an IP address or a CIDR block."""
+    try:
+        ipaddress.ip_network(entry, strict=False)
+    except ValueError:
+        name = entry.removeprefix("*.")
+        return "*" not in name and _HOST_NAME.fullmatch(name) is not None
+    return True
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _positive_seconds(text: str) -> None:
+    value = float(text)
+    if not (math.isfinite(value) and 0 < value <= 3600):
+        raise ValueError("must be seconds above 0 and at most 3600")
+
+
+def _int_between(low: int, high: int) -> Callable[[str], None]:
+    def check(text: str) -> None:
+        if not text.strip().isdigit() or not low <= int(text) <= high:
+            raise ValueError(f"must be a whole number from {low} to {high}")
+
+    return check
+
+
+def _one_of(*choices: str) -> Callable[[str], None]:
+    def check(text: str) -> None:
+        if text.lower() not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+
+    return check
+
+
+def _any(_text: str) -> None:
+    return None
+
+
+_MAX_DB = 1_000_000
+_COMMON_PARAMS: dict[str, Callable[[str], None]] = {
+    "db": _int_between(0, _MAX_DB),
+    "username": _any,
+    "password": _any,
+    "client_name": _any,
+    "socket_timeout": _positive_seconds,
+    "socket_connect_timeout": _positive_seconds,
+    "health_check_interval": _int_between(0, 3600),
+    "max_connections": _int_between(1, 100_000),
+    "retry_on_timeout": _any,
+}
+_TCP_PARAMS = {**_COMMON_PARAMS, "socket_keepalive": _any}
+_TLS_PARAMS = {
+    **_TCP_PARAMS,
+    "ssl_keyfile": _any,
+    "ssl_certfile": _any,
+    "ssl_ca_certs": _any,
+    "ssl_ciphers": _any,
+    "ssl_check_hostname": _any,
+    "ssl_cert_reqs": _one_of("none", "optional", "required"),
+}
+#: The query parameters each scheme accepts (what redis-py passes to that connection type).
+REDIS_URL_PARAMS: dict[str, dict[str, Callable[[str], None]]] = {
+    "redis": _TCP_PARAMS,
+    "rediss": _TLS_PARAMS,
+    "unix": _COMMON_PARAMS,
+}
+
+
+def check_redis_url(raw: str) -> None:
+    """Raise ``ValueError`` (never echoing the URL) unless redis-py can use ``raw``."""
+    try:
+        parts = urlsplit(raw)
+        _ = parts.port
+    except ValueError:
+        raise ValueError("has a bad port or host") from None
+    if parts.scheme not in REDIS_URL_PARAMS:
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    if parts.scheme == "unix":
+        if not parts.path.strip("/"):
+            raise ValueError("has no socket path (unix:///path/to/redis.sock)")
+        if parts.hostname:
+            raise ValueError("must not name a host (unix:///path/to/redis.sock)")
+    else:
+        if not parts.hostname:
+            raise ValueError("has no host")
+        db = parts.path.lstrip("/")
+        if db and not (db.isdigit() and int(db) <= _MAX_DB):
+            raise ValueError(f"database must be a number from 0 to {_MAX_DB}")
+    allowed = REDIS_URL_PARAMS[parts.scheme]
+    try:
+        params = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError:
+        raise ValueError("has a malformed query string") from None
+    for name, value in params:
+        check = allowed.get(name)
+        if check is None:
+            shown = repr(name) if re.fullmatch(r"[A-Za-z_]{1,40}", name) else "(unnamed)"
+            raise ValueError(
+                f"query parameter {shown} is not supported with {parts.scheme}:// "
+                f"(supported: {', '.join(sorted(allowed))})"
+            )
+        try:
+            check(value)
+        except ValueError as exc:
+            message = str(exc) if str(exc).startswith("must") else "is not a valid value"
+            raise ValueError(f"query parameter {name!r} {message}") from None
 
 
 _SECRET_FIELDS = {"redis_url", "http_action_secret"}

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from app.settings import ConfigError
 from worker.health import Health
 
-__all__ = ["HealthServer", "build_app"]
+__all__ = ["HealthServer", "bind_error", "build_app"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,30 @@ def build_app(
     return app
 
 
+def bind_error(host: str, port: int, exc: BaseException) -> str:
+    """One line naming the variable to fix when ``host:port`` cannot be listened on."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if isinstance(exc, socket.gaierror):
+        variable = "CAMPAIGN_HTTP_HOST"
+        reason = f"cannot resolve it ({exc.strerror or 'unknown name'})"
+    elif not isinstance(exc, OSError):
+        variable = "CAMPAIGN_HTTP_HOST"
+        reason = "not a valid address"
+    elif exc.errno == errno.EADDRINUSE:
+        variable = "CAMPAIGN_HTTP_PORT"
+        reason = "address already in use (another process listens there)"
+    elif exc.errno == errno.EACCES:
+        variable = "CAMPAIGN_HTTP_PORT"
+        reason = "permission denied (ports below 1024 need privileges)"
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        variable = "CAMPAIGN_HTTP_HOST"
+        reason = "not an address of this machine"
+    else:
+        variable = "CAMPAIGN_HTTP_HOST/CAMPAIGN_HTTP_PORT"
+        reason = exc.strerror or type(exc).__name__
+    return f"{variable}: cannot listen on {where}: {reason}"
+
+
 class HealthServer:
     """Runs :func:`build_app` on host:port inside the worker's event loop."""
 
@@ -72,9 +99,14 @@ class HealthServer:
         self.port: int | None = None
 
     async def start(self) -> None:
+        """Listen; a host or port that cannot be bound raises :class:`ConfigError` (one line)."""
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except (OSError, OverflowError, UnicodeError, ValueError) as exc:
+            await self._runner.cleanup()
+            raise ConfigError(bind_error(self._host, self._port, exc)) from None
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else self._port

@@ -9,6 +9,7 @@ accepts). When off, the API's no-op tracer makes every span call nearly free.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -18,9 +19,16 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 
+from app.settings import ConfigError
 from app.tracing import MESSAGING_SYSTEM, tracer
 
-__all__ = ["consumer_span", "mark_error", "setup_tracing", "shutdown_tracing"]
+__all__ = [
+    "check_otel_env",
+    "consumer_span",
+    "mark_error",
+    "setup_tracing",
+    "shutdown_tracing",
+]
 
 log = logging.getLogger("worker.telemetry")
 
@@ -41,11 +49,86 @@ def tracing_requested(env: Mapping[str, str] = os.environ) -> bool:
     )
 
 
+#: The numeric ``OTEL_*`` variables the SDK's tracer provider, batch span processor and
+#: OTLP/HTTP exporter read, with the range accepted here: (low, high, whole number).
+#: Out of range, the SDK raises (a traceback) or silently falls back to a default.
+OTEL_NUMBERS: dict[str, tuple[float, float, bool]] = {
+    "OTEL_BSP_SCHEDULE_DELAY": (1, 3_600_000, True),  # milliseconds
+    "OTEL_BSP_EXPORT_TIMEOUT": (1, 3_600_000, True),  # milliseconds
+    "OTEL_BSP_MAX_QUEUE_SIZE": (1, 10_000_000, True),
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": (1, 10_000_000, True),
+    "OTEL_EXPORTER_OTLP_TIMEOUT": (0.001, 3600, False),  # seconds in the Python SDK
+    "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": (0.001, 3600, False),
+    "OTEL_ATTRIBUTE_COUNT_LIMIT": (0, 1_000_000, True),
+    "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT": (0, 100_000_000, True),
+    "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": (0, 1_000_000, True),
+    "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT": (0, 100_000_000, True),
+    "OTEL_SPAN_EVENT_COUNT_LIMIT": (0, 1_000_000, True),
+    "OTEL_SPAN_LINK_COUNT_LIMIT": (0, 1_000_000, True),
+    "OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT": (0, 1_000_000, True),
+    "OTEL_LINK_ATTRIBUTE_COUNT_LIMIT": (0, 1_000_000, True),
+}
+#: The attribute limits also accept ``unset`` (no limit).
+_UNSETTABLE = {name for name in OTEL_NUMBERS if name.endswith("_LIMIT")}
+_RATIO_SAMPLERS = {"traceidratio", "parentbased_traceidratio"}
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if value == int(value) else str(value)
+
+
+def check_otel_env(env: Mapping[str, str] = os.environ) -> None:
+    """Raise :class:`ConfigError` (one line naming the variable) for a bad numeric ``OTEL_*``.
+
+    Checked before the SDK reads them: it would raise a traceback (a negative delay, a
+    limit that is not a number) or log one and fall back to its default.
+    """
+    for name, (low, high, whole) in OTEL_NUMBERS.items():
+        raw = env.get(name)
+        if raw is None or (raw == "" and name.startswith("OTEL_EXPORTER_")):
+            continue  # unset, or empty where the SDK treats empty as unset
+        text = raw.strip()
+        if name in _UNSETTABLE and text.lower() == "unset":
+            continue
+        kind = "a whole number" if whole else "a number"
+        problem = f"{name}: must be {kind} from {_num(low)} to {_num(high)} (got {raw[:40]!r})"
+        try:
+            value = int(text) if whole else float(text)
+        except ValueError:
+            raise ConfigError(problem) from None
+        if not (math.isfinite(value) and low <= value <= high):
+            raise ConfigError(problem)
+    queue = env.get("OTEL_BSP_MAX_QUEUE_SIZE", "").strip() or "2048"
+    batch = env.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "").strip() or "512"
+    if int(batch) > int(queue):
+        raise ConfigError(
+            f"OTEL_BSP_MAX_EXPORT_BATCH_SIZE: must not exceed OTEL_BSP_MAX_QUEUE_SIZE "
+            f"({batch} > {queue})"
+        )
+    sampler = env.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    if sampler in _RATIO_SAMPLERS and "OTEL_TRACES_SAMPLER_ARG" in env:
+        raw = env["OTEL_TRACES_SAMPLER_ARG"]
+        try:
+            rate = float(raw)
+        except ValueError:
+            rate = math.nan
+        if not 0.0 <= rate <= 1.0:
+            raise ConfigError(
+                f"OTEL_TRACES_SAMPLER_ARG: must be a ratio from 0 to 1 for {sampler} "
+                f"(got {raw[:40]!r})"
+            )
+
+
 def setup_tracing(default_service_name: str = "campaign-worker") -> bool:
-    """Install an SDK tracer provider if the environment asks for one; returns whether it did."""
+    """Install an SDK tracer provider if the environment asks for one; returns whether it did.
+
+    Raises :class:`ConfigError` for a bad numeric ``OTEL_*`` variable (see
+    :func:`check_otel_env`); nothing is installed then.
+    """
     global _provider
     if _provider is not None or not tracing_requested():
         return _provider is not None
+    check_otel_env()
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
