@@ -11,18 +11,26 @@ async def send_sms(ctx: ActionContext) -> str | None:
     return "vip" if ctx.attributes.get("vip") else None
 
 
-@action("stall_redis_once")
-async def stall_redis_once(ctx: ActionContext) -> str | None:
-    """On the first attempt, pause Redis writes for longer than the job may take, so the
-    step's own bookkeeping stalls (as in a failover)."""
-    if ctx.attempt == 1:
-        import os
+@action("refuse_writes_once")
+async def refuse_writes_once(ctx: ActionContext) -> str | None:
+    """On the first call, make Redis refuse every write (NOREPLICAS) for 2 s, so recording
+    this step's outcome fails after the action ran (as during a failover)."""
+    import os
+    import threading
 
-        from redis.asyncio import Redis
+    import redis
+    from redis.asyncio import Redis
 
-        client = Redis.from_url(os.environ["REDIS_URL"])
-        await client.execute_command("CLIENT", "PAUSE", "2500", "WRITE")
-        await client.aclose()
+    client = Redis.from_url(os.environ["REDIS_URL"])
+    calls = await client.incr("user-actions:refuse_writes_once:calls")
+    if calls == 1:
+        await client.config_set("min-replicas-to-write", 1)
+
+        def restore() -> None:
+            redis.Redis.from_url(os.environ["REDIS_URL"]).config_set("min-replicas-to-write", 0)
+
+        threading.Timer(2.0, restore).start()
+    await client.aclose()
     return None
 
 

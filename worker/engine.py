@@ -22,6 +22,7 @@ from app.keys import Keys
 from app.scheduling import SchedulingService
 from app.settings import Settings
 from worker.health import Health
+from worker.logs import bind
 from worker.metrics import metrics
 from worker.redis_errors import is_redis_error
 from worker.step_queue import Claim, ClaimCode, StepQueue
@@ -194,8 +195,26 @@ class StepEngine:
         self.running.pop(job_id, None)
         self._slot.set()
 
+    def _log_claim(self, claim: Claim) -> None:
+        """The claim's transition (made inside the claim script), logged and counted."""
+        payload = claim.payload
+        on_transition = self.service.on_transition
+        if on_transition is None or payload.function != STEP_FUNCTION:
+            return
+        rerun = claim.code == ClaimCode.RERUN
+        attempt = int(claim.record.get("attempt") or 1)
+        with bind(job_id=claim.job_id, function=payload.function, node=payload.node,
+                  campaign_id=payload.target.campaign_id, step=payload.step, attempt=attempt):  # fmt: skip
+            on_transition(payload.target.enrollment_id, {
+                "from": "running" if rerun else "scheduled", "to": "running",
+                "node": payload.node, "step": payload.step,
+                "attempt": attempt,
+                "reason": "job re-run: its lease expired" if rerun else "job started",
+            })  # fmt: skip
+
     async def _run_job(self, claim: Claim, ctx: dict[str, Any]) -> None:
         p = claim.payload
+        self._log_claim(claim)
         fn = self.functions[p.function]
         kwargs: dict[str, Any] = {"campaign": p.target.campaign_id, "version": p.target.version,
                                   "node": p.node, "tz": p.target.timezone}  # fmt: skip
@@ -216,11 +235,11 @@ class StepEngine:
                 )
             raise
         except TimeoutError:
+            # Not handed back: that would re-run it as the same attempt, forever if it always
+            # overruns. Its lease lapses instead, and the re-run counts as a new attempt.
             log.error(
-                "job overran CAMPAIGN_JOB_TIMEOUT; handing it back", extra={"job_id": claim.job_id}
-            )
-            await self._hand_back(
-                claim, "job overran its time budget: step handed back", HAND_BACK_DELAY_MS
+                "job overran CAMPAIGN_JOB_TIMEOUT; it re-runs when its lease expires",
+                extra={"job_id": claim.job_id},
             )
         except Exception:
             log.exception("job bookkeeping failed; handing it back", extra={"job_id": claim.job_id})
