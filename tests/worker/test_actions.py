@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 import pytest
 
 from app import CampaignClient
@@ -24,12 +23,15 @@ from tests.fake_service import FakeService
 from tests.helpers import WorkerProcess
 from tests.worker.test_processors import wait_state
 from worker.actions import (
+    ATTEMPT_HEADER,
     SIGNATURE_HEADER,
     ActionContext,
+    EgressPolicy,
     PermanentError,
     TransientError,
     default_registry,
     http_action,
+    http_session,
 )
 from worker.embedded_redis import EmbeddedRedis, free_port
 from worker.retries import backoff_delay
@@ -46,19 +48,21 @@ def ctx_for(url: str, session: aiohttp.ClientSession, **kw: Any) -> ActionContex
 
 
 async def test_http_action_posts_json_with_key_and_signature(svc: FakeService) -> None:
-    async with aiohttp.ClientSession() as session:
+    async with http_session(EgressPolicy()) as session:
         outcome = await http_action(ctx_for(svc.url("/outcome/bounced"), session, secret=b"s3cret"))
     assert outcome == "bounced"
     call = svc.calls[0]
-    assert call.key == "c:1:3"
+    assert call.key == "c:1:3" and call.headers[ATTEMPT_HEADER] == "1"
     assert call.body["params"] == {"template": "t"} and call.body["attributes"] == {"a": 1}
-    raw = orjson.dumps(call.body)
-    expected = "sha256=" + hmac.new(b"s3cret", raw, hashlib.sha256).hexdigest()
-    assert call.headers[SIGNATURE_HEADER] == expected
+    assert "attempt" not in call.body
+    t, _, v1 = call.headers[SIGNATURE_HEADER].partition(",")
+    assert t.startswith("t=") and v1.startswith("v1=")
+    expected = hmac.new(b"s3cret", t[2:].encode() + b"." + call.raw, hashlib.sha256).hexdigest()
+    assert v1[3:] == expected
 
 
 async def test_http_action_classifies_failures(svc: FakeService) -> None:
-    async with aiohttp.ClientSession() as session:
+    async with http_session(EgressPolicy()) as session:
         with pytest.raises(TransientError, match="HTTP 503"):
             await http_action(ctx_for(svc.url("/flaky/1"), session))
         with pytest.raises(TransientError) as rate:
@@ -144,7 +148,7 @@ def test_demo_runs_to_completion() -> None:
 
 
 async def test_urls_in_errors_carry_no_credentials_or_query() -> None:
-    async with aiohttp.ClientSession() as session:
+    async with http_session(EgressPolicy()) as session:
         url = f"http://bob:hunter2@127.0.0.1:{free_port()}/hook?api_key=SECRET123"
         with pytest.raises(TransientError) as err:
             await http_action(ctx_for(url, session))
@@ -153,7 +157,7 @@ async def test_urls_in_errors_carry_no_credentials_or_query() -> None:
 
 
 async def test_an_invalid_url_is_permanent_and_not_echoed() -> None:
-    async with aiohttp.ClientSession() as session:
+    async with http_session(EgressPolicy()) as session:
         with pytest.raises(PermanentError) as err:
             await http_action(ctx_for("http://user:s3cret@:8080/hook?token=abc", session))
     assert "s3cret" not in str(err.value) and "token" not in str(err.value)
