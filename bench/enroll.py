@@ -36,10 +36,11 @@ sys.path.insert(0, str(ROOT))
 
 from app.client import CampaignClient
 from app.connection import create_redis
-from app.scheduling import JobTarget
+from app.jobs import JobTarget, step_job_id
 from app.settings import Settings
 from bench.roundtrips import RoundTrips
 from worker.embedded_redis import EmbeddedRedis
+from worker.step_queue import ClaimCode, StepQueue
 
 REDIS_CONF = ROOT / "deploy" / "redis" / "redis.conf"
 SIMPLE = {"id": "bench", "entry": "send", "nodes": {"send": {"type": "action", "action": "log"}}}
@@ -183,10 +184,12 @@ async def op_enroll(client: CampaignClient, i: int) -> None:
 
 
 async def op_transition(client: CampaignClient, i: int) -> None:
-    """One step transition as a worker makes it: running -> completed (service.advance)."""
+    """One step transition as a worker makes it: running -> completed (service.advance),
+    finishing the claimed job in the same call."""
     eid = f"bench:cost-{i}"
     applied = await client.service.advance(
         JobTarget(eid, "bench", 1, None),
+        job_id=step_job_id(eid, 1, 1),
         from_node="send",
         to_node=None,
         step=1,
@@ -197,11 +200,16 @@ async def op_transition(client: CampaignClient, i: int) -> None:
 
 
 async def prepare_running(client: CampaignClient) -> None:
-    """Enrollments cost--1 .. cost-49 claimed (running), ready for op_transition."""
-    for i in range(-1, 50):
-        status = await client.enroll("bench", f"cost-{i}")
-        code, _ = await client.service.store.claim(status.enrollment_id, 1, 1, "send")
-        assert code == 1
+    """Enrollments cost--1 .. cost-49 claimed (running) the way a worker claims them (one
+    claim.lua call), ready for op_transition."""
+    ids = [(await client.enroll("bench", f"cost-{i}")).enrollment_id for i in range(-1, 50)]
+    service = client.service
+    queue = StepQueue(
+        client.redis, service.keys, lease_seconds=300, history_limit=service.settings.history_limit
+    )
+    batch = await queue.claim(len(ids) + 10)
+    claimed = {c.job_id for c in batch.claims if c.code == ClaimCode.STARTED}
+    assert claimed == {step_job_id(eid, 1, 1) for eid in ids}, batch
 
 
 def batch_op(size: int) -> Callable[[CampaignClient, int], Awaitable[None]]:

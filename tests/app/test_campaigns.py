@@ -13,10 +13,13 @@ import pytest
 
 from app.campaigns import ActionNode, DelayNode, WaitNode, parse_campaign
 from app.errors import CampaignNotFound, InvalidCampaign
+from app.jobs import JobTarget, timeout_job_id
 from app.keys import Keys
 from app.registry import CampaignRegistry
-from app.scheduling import JobTarget, SchedulingService, timeout_job_id
+from app.scheduling import SchedulingService
 from app.settings import Settings
+from tests.queue_view import claim_one, payload
+from worker.step_queue import ClaimCode
 
 EXAMPLE: dict[str, Any] = {  # the example of PRODUCT.md section 2
     "id": "onboarding",
@@ -336,25 +339,32 @@ async def test_an_enrollment_stays_on_the_version_it_started_with(
     other = SchedulingService(redis, settings)
     old = await other.status("c:old")
     assert old.campaign_version == 1
-    job = orjson.loads(await redis.get(f"arq:job:step:c:old:{old.step}:1"))
-    assert job["k"]["version"] == 1
+    job = await payload(redis, other.keys, f"step:c:old:{old.step}:1")
+    assert job is not None and job["k"]["version"] == 1
     target = _target(old.enrollment_id, job["k"])
-    code, _ = await other.store.claim(old.enrollment_id, old.step, 1, "a")
-    assert code == 1
+    claim = await claim_one(other, old.enrollment_id)
+    assert claim.code == ClaimCode.STARTED
+    assert claim.payload.target == target  # what the worker parses from the job
     applied = await other.advance(
-        target, from_node="a", to_node="w", step=old.step, attempt=1, reason="ok"
+        target,
+        job_id=claim.job_id,
+        from_node="a",
+        to_node="w",
+        step=old.step,
+        attempt=1,
+        reason="ok",
     )
     assert applied.ok and applied.state == "waiting"  # v2 would have completed here
     moved = await other.status("c:old")
     assert (moved.state, moved.node, moved.campaign_version) == ("waiting", "w", 1)
-    timeout_job = orjson.loads(await redis.get("arq:job:" + timeout_job_id("c:old", moved.step)))
-    assert timeout_job["k"]["version"] == 1
+    timeout_job = await payload(redis, other.keys, timeout_job_id("c:old", moved.step))
+    assert timeout_job is not None and timeout_job["k"]["version"] == 1
 
     # a new enrollment starts on v2
     new = await other.enroll("c", "new")
     assert new.campaign_version == 2
-    new_job = orjson.loads(await redis.get(f"arq:job:step:c:new:{new.step}:1"))
-    assert new_job["k"]["version"] == 2
+    new_job = await payload(redis, other.keys, f"step:c:new:{new.step}:1")
+    assert new_job is not None and new_job["k"]["version"] == 2
 
 
 def _target(enrollment_id: str, kwargs: dict[str, Any]) -> JobTarget:

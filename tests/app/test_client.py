@@ -1,5 +1,9 @@
 """CampaignClient (PRODUCT.md section 6) against a real Redis: typed errors, re-entry,
-signals, cancel, bulk enrollment and its round trips, status history, replay."""
+signals, cancel, bulk enrollment and its round trips, status history, replay, and clients
+under different key prefixes sharing one Redis.
+
+Jobs are read from the campaign queue and jobs hash (see ``app/keys.py``); steps are
+claimed the way a worker claims them (:mod:`tests.queue_view`)."""
 
 from __future__ import annotations
 
@@ -17,10 +21,14 @@ from app import (
     EnrollmentNotFound,
     InvalidRequest,
 )
-from app.scheduling import JobTarget
+from app.jobs import JobTarget
+from app.keys import Keys
 from app.settings import Settings
 from bench.roundtrips import RoundTrips
+from tests.queue_view import claim_due, claim_one, leased, queued
+from tests.queue_view import job_exists as stored
 from worker.embedded_redis import EmbeddedRedis
+from worker.step_queue import ClaimCode
 
 EXIT = {"type": "exit"}
 
@@ -52,12 +60,17 @@ def ms(t: datetime) -> int:
 
 
 async def queue(client: CampaignClient) -> dict[str, int]:
-    raw = await client.redis.zrange(client.settings.queue_name, 0, -1, withscores=True)
-    return {k.decode(): int(v) for k, v in raw}
+    """The client's campaign job queue: job id -> due time (ms)."""
+    return await queued(client.redis, client.service.keys)
+
+
+async def leases(client: CampaignClient) -> dict[str, int]:
+    return await leased(client.redis, client.service.keys)
 
 
 async def job_exists(client: CampaignClient, job_id: str) -> bool:
-    return bool(await client.redis.exists(f"arq:job:{job_id}"))
+    """Whether the client's jobs hash holds a payload for ``job_id``."""
+    return await stored(client.redis, client.service.keys, job_id)
 
 
 async def commandstats(redis: Any) -> dict[str, int]:
@@ -85,6 +98,7 @@ async def test_enroll_returns_the_status(client: CampaignClient) -> None:
     assert status.attributes == {"email": "a@b.c"} and status.timezone == "Europe/Berlin"
     assert status.run_at is not None
     assert await queue(client) == {"step:c:contact-42:1:1": ms(status.run_at)}
+    assert await job_exists(client, "step:c:contact-42:1:1")
 
 
 async def test_enrolling_twice_is_refused(client: CampaignClient) -> None:
@@ -118,15 +132,18 @@ async def test_reentry_after_cancel_and_completion_keeps_steps_growing(
 
     # complete it the way a worker would: claim step 2, then next: null
     service = client.service
-    assert (await service.store.claim("c:x", 2, 1, "a"))[0] == 1
-    target = JobTarget("c:x", "c", 1, None)
+    claim = await claim_one(service, "c:x")
+    assert (claim.code, claim.job_id) == (ClaimCode.STARTED, "step:c:x:2:1")
+    target = JobTarget("c:x", "c", 1, None, base_step=1)
+    assert claim.payload.target == target  # a re-entry's job carries its base step
     done = await service.advance(
-        target, from_node="a", to_node=None, step=2, attempt=1, reason="ok"
+        target, job_id=claim.job_id, from_node="a", to_node=None, step=2, attempt=1, reason="ok"
     )
     assert done.ok and (await client.status("c:x")).step == 3
+    assert await queue(client) == {} and await leases(client) == {}
     third = await client.enroll("c", "x")
     assert (third.state, third.step) == ("scheduled", 4)
-    assert set(await queue(client)) == {"step:c:x:2:1", "step:c:x:4:1"}  # 2 is still running
+    assert set(await queue(client)) == {"step:c:x:4:1"}  # step 2's job ended with it
 
     # and in bulk: skipped while active, re-entered after the end
     assert await client.enroll_many("c", [{"contact_id": "x"}]) == 0
@@ -134,7 +151,8 @@ async def test_reentry_after_cancel_and_completion_keeps_steps_growing(
     assert await client.enroll_many("c", [{"contact_id": "x"}]) == 1
     status = await client.status("c:x")
     assert (status.state, status.step) == ("scheduled", 5)
-    assert await job_exists(client, "step:c:x:5:1")
+    assert set(await queue(client)) == {"step:c:x:5:1"}
+    assert await job_exists(client, "step:c:x:5:1") and not await job_exists(client, "step:c:x:4:1")
     steps = [h.step for h in status.history]
     assert steps == sorted(steps) and steps[-1] == 5
     assert [h.to_state for h in status.history] == [
@@ -285,13 +303,19 @@ async def test_status_returns_the_history_in_order(client: CampaignClient) -> No
     await client.enroll("w", "x")
     await client.signal("w:x", "replied")
     service = client.service
-    assert (await service.store.claim("w:x", 2, 1, "thanks"))[0] == 1
+    batch = await claim_due(service)  # the step is due now: claimed at the current time
+    assert [(c.code, c.job_id) for c in batch.claims] == [(ClaimCode.STARTED, "step:w:x:2:1")]
     target = JobTarget("w:x", "w", 1, None)
-    assert (
-        await service.advance(
-            target, from_node="thanks", to_node="done", step=2, attempt=1, reason="logged"
-        )
-    ).ok
+    applied = await service.advance(
+        target,
+        job_id="step:w:x:2:1",
+        from_node="thanks",
+        to_node="done",
+        step=2,
+        attempt=1,
+        reason="logged",
+    )
+    assert applied.ok
     status = await client.status("w:x")
     assert status.state == "completed"
     history = status.history
@@ -309,9 +333,10 @@ async def test_replay_of_a_failed_enrollment(client: CampaignClient) -> None:
     await client.register_campaign(ONE_STEP)
     await client.enroll("c", "x")
     service = client.service
-    assert (await service.store.claim("c:x", 1, 1, "a"))[0] == 1
+    claim = await claim_one(service, "c:x")
     failed = await service.fail(
         JobTarget("c:x", "c", 1, None),
+        job_id=claim.job_id,
         node="a",
         step=1,
         attempt=1,
@@ -321,6 +346,7 @@ async def test_replay_of_a_failed_enrollment(client: CampaignClient) -> None:
     status = await client.status("c:x")
     assert status.state == "failed" and status.error is not None
     assert status.error.message == "HTTP 404"
+    assert await queue(client) == {} and await leases(client) == {}
 
     before = datetime.now(UTC) - timedelta(seconds=1)
     replayed = await client.replay("c:x")
@@ -331,7 +357,8 @@ async def test_replay_of_a_failed_enrollment(client: CampaignClient) -> None:
         1,
     )
     assert replayed.run_at is not None and replayed.run_at >= before
-    assert set(await queue(client)) == {"step:c:x:1:1", "step:c:x:2:1"}  # 1 is the failed run's
+    assert await queue(client) == {"step:c:x:2:1": ms(replayed.run_at)}  # a new step, now
+    assert not await job_exists(client, "step:c:x:1:1")
     assert (replayed.history[-1].from_state, replayed.history[-1].reason) == (
         "failed",
         "replayed; action a",
@@ -389,9 +416,13 @@ async def test_enroll_many_10000_contacts_in_few_round_trips(
         after = await commandstats(redis)
         round_trips = trips.count
     assert enrolled == n
-    assert await redis.zcard(settings.queue_name) == n
-    assert await redis.scard("campaign:idx:c:scheduled") == n
-    assert await redis.exists(*(f"arq:job:step:c:contact-{i}:1:1" for i in (0, 4321, n - 1))) == 3
+    # the key layout of app/keys.py, one shard: queue, payloads and index set of shard 0
+    assert Keys(settings.key_prefix, settings.shards).shard(0).queue == "campaign:{0}:queue"
+    assert await redis.zcard("campaign:{0}:queue") == n
+    assert await redis.hlen("campaign:{0}:jobs") == n
+    assert await redis.scard("campaign:{0}:idx:c:scheduled") == n
+    some = [f"step:c:contact-{i}:1:1" for i in (0, 4321, n - 1)]
+    assert None not in await redis.hmget("campaign:{0}:jobs", some)
     # one Lua call per contact, and nothing per batch but the pipeline itself
     assert after["evalsha"] - before.get("evalsha", 0) == n
     assert after.get("eval", 0) == before.get("eval", 0)
@@ -422,3 +453,76 @@ async def test_enroll_many_after_a_script_flush(client: CampaignClient, redis: A
     assert len(await queue(client)) == 4
     assert after["script|load"] - before.get("script|load", 0) == 1
     assert len((await client.status("c:c0")).history) == 1
+
+
+# --- two key prefixes on one Redis ------------------------------------------------------
+
+
+async def test_two_key_prefixes_on_one_redis_keep_apart(
+    client: CampaignClient, settings: Settings, redis: Any
+) -> None:
+    other_settings = settings.model_copy(update={"key_prefix": "other"})
+    async with CampaignClient(settings=other_settings) as other:
+        # the same campaign id under both prefixes, with different definitions
+        assert await client.register_campaign({**ONE_STEP, "id": "w"}) == 1
+        assert await other.register_campaign(WAITING) == 1
+        assert (await client.get_campaign("w")).entry == "a"
+        assert (await other.get_campaign("w")).entry == "wait_reply"
+
+        # the same contact id: each prefix has its own enrollment, on its own definition
+        mine = await client.enroll("w", "x")
+        theirs = await other.enroll("w", "x")
+        assert mine.enrollment_id == theirs.enrollment_id == "w:x"
+        assert (mine.state, mine.node) == ("scheduled", "a")
+        assert (theirs.state, theirs.node) == ("waiting", "wait_reply")
+        assert mine.run_at is not None and theirs.deadline is not None
+        assert await queue(client) == {"step:w:x:1:1": ms(mine.run_at)}
+        assert await queue(other) == {"timeout:w:x:1": ms(theirs.deadline)}
+        assert not await job_exists(client, "timeout:w:x:1")
+        assert not await job_exists(other, "step:w:x:1:1")
+
+        # every key lives under its prefix
+        all_keys = {k.decode() for k in await redis.keys("*")}
+        mine_keys = {k for k in all_keys if k.startswith("campaign:")}
+        their_keys = {k for k in all_keys if k.startswith("other:")}
+        assert mine_keys and their_keys
+        assert all_keys == mine_keys | their_keys
+        assert {k.replace("campaign:", "", 1) for k in mine_keys} >= {
+            "{0}:queue",
+            "{0}:jobs",
+            "{0}:enr:w:x",
+            "{0}:hist:w:x",
+            "{0}:idx:w:scheduled",
+            "{c}:campaign:w",
+            "{c}:campaigns",
+        }
+        assert {k.replace("other:", "", 1) for k in their_keys} >= {
+            "{0}:queue",
+            "{0}:jobs",
+            "{0}:enr:w:x",
+            "{0}:hist:w:x",
+            "{0}:idx:w:waiting",
+            "{c}:campaign:w",
+            "{c}:campaigns",
+        }
+
+        # a worker of one prefix claims only that prefix's jobs
+        batch = await claim_due(client.service)
+        assert [c.job_id for c in batch.claims] == ["step:w:x:1:1"]
+        assert (await client.status("w:x")).state == "running"
+        assert (await other.status("w:x")).state == "waiting"
+        assert await queue(other) == {"timeout:w:x:1": ms(theirs.deadline)}
+        assert await leases(other) == {}
+
+        # signals and cancels through one client touch only its own enrollment
+        assert await other.signal("w:x", "replied") is True
+        assert await client.signal("w:x", "replied") is False  # not a wait here
+        assert await client.cancel("w:x") is True
+        assert (await client.status("w:x")).state == "cancelled"
+        theirs = await other.status("w:x")
+        assert (theirs.state, theirs.node, theirs.step) == ("scheduled", "thanks", 2)
+        assert set(await queue(other)) == {"step:w:x:2:1"}
+        assert await queue(client) == {} and await leases(client) == {}
+        assert (await client.service.store.count_by_state("w"))["cancelled"] == 1
+        assert (await other.service.store.count_by_state("w"))["scheduled"] == 1
+        assert (await other.service.store.count_by_state("w"))["cancelled"] == 0
