@@ -11,7 +11,7 @@ from arq.worker import func
 from app.jobs import STEP_FUNCTION, TIMEOUT_FUNCTION
 from app.scheduling import SchedulingService
 from app.settings import Settings
-from worker.actions import ActionRegistry, default_registry, make_http_session
+from worker.actions import ActionRegistry, default_registry, egress_policy, make_http_session
 from worker.diagnostics import ping
 from worker.metrics import metrics
 from worker.processors import fire_timeout, run_step
@@ -84,6 +84,7 @@ async def serve(
 async def run(settings: Settings) -> int:
     """Run the worker until SIGTERM; returns the exit code."""
     actions = default_registry(settings.actions)
+    egress_policy(settings)  # a bad CAMPAIGN_HTTP_ALLOWED_HOSTS stops here: exit 2, one line
     setup_tracing()
     try:
         return await serve(settings, actions)

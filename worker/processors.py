@@ -203,7 +203,7 @@ async def _call_action(
         timeout=timeout,
         event=orjson.loads(record["event"]) if record.get("event") else None,
         http=ctx.get("http"),
-        secret=secret.get_secret_value().encode() if secret else None,
+        secret=secret.get_secret_value().encode() if secret is not None else None,
     )
     started = time.perf_counter()
     outcome_label = "success"

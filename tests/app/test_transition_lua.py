@@ -8,9 +8,9 @@ from typing import Any
 import orjson
 import pytest
 
+from app.jobs import Job
 from app.keys import Keys
 from app.settings import Settings
-from app.jobs import Job
 from app.store import EnrollmentStore, Transition, now_ms
 
 EID = "c:x"

@@ -11,10 +11,10 @@ import orjson
 import pytest
 
 from app import CampaignClient
-from app.keys import Keys
-from app.scheduling import JobTarget
+from app.jobs import JobTarget
 from app.settings import Settings
 from tests.conftest import ROOT
+from tests.queue_view import claim_one
 from worker.cli import main
 
 
@@ -96,9 +96,10 @@ def test_failures_grouped_and_replayed_by_group(cli: Any, settings: Settings) ->
                 "a": {"type": "action", "action": "log", "next": "done"}, "done": {"type": "exit"}}})  # fmt: skip
             for i in range(5):
                 st = await c.enroll("f", f"p{i}")
-                await c.service.store.claim(st.enrollment_id, st.step, 1, "a")
+                claim = await claim_one(c.service, st.enrollment_id)
                 etype = "Boom" if i < 3 else "Other"
-                await c.service.fail(JobTarget(st.enrollment_id, "f", 1, None), node="a", step=st.step,
+                await c.service.fail(JobTarget(st.enrollment_id, "f", 1, None), job_id=claim.job_id,
+                                     node="a", step=st.step,
                                      attempt=1, error={"type": etype, "message": f"broke {i}", "trace_id": "ab" * 16})  # fmt: skip
 
     asyncio.run(make_failures())
@@ -123,12 +124,13 @@ def test_dead_letters_listed(cli: Any, settings: Settings) -> None:
                 "at": 0,
                 "payload": "\\x80",
             }
-            await c.redis.lpush(Keys(settings.key_prefix).poison, orjson.dumps(entry))
+            await c.redis.lpush(c.service.keys.shard(0).dead, orjson.dumps(entry))
+            await c.redis.lpush(c.service.keys.shard(0).dead, b"\xff not json")
 
     assert cli("dead-letters")[1] == "no dead letters\n"
     asyncio.run(poison())
     code, out, _ = cli("dead-letters")
-    assert code == 0 and "evil" in out and "1 of 1 shown" in out
+    assert code == 0 and "evil" in out and "2 of 2 shown" in out and "unreadable entry" in out
 
 
 def test_demo_campaign_file_is_valid(cli: Any) -> None:

@@ -128,7 +128,7 @@ async def test_one_enrollment_traced_end_to_end(
 
     enroll_span = next(s for s in client_tracing.get_finished_spans()
                        if s.attributes and s.attributes.get("campaign.enrollment_id") == eid)  # fmt: skip
-    assert enroll_span.name == f"create {settings.queue_name}"
+    assert enroll_span.name == f"create {settings.key_prefix}:queue"
     assert enroll_span.kind == trace.SpanKind.PRODUCER
     assert enroll_span.attributes is not None
     assert enroll_span.attributes["messaging.message.id"] == f"step:{eid}:1:1"
@@ -142,7 +142,7 @@ async def test_one_enrollment_traced_end_to_end(
     attrs = first["attrs"]
     assert attrs["messaging.system"] == "arq"
     assert attrs["messaging.operation.type"] == "process"
-    assert attrs["messaging.destination.name"] == settings.queue_name
+    assert attrs["messaging.destination.name"] == f"{settings.key_prefix}:queue"
     assert attrs["messaging.message.id"] == f"step:{eid}:1:1"
     assert attrs["campaign.id"] == "traced" and attrs["campaign.node"] == "first"
     assert attrs["campaign.step"] == 1 and attrs["campaign.attempt"] == 1

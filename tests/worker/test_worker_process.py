@@ -60,7 +60,7 @@ async def test_readyz_follows_redis_and_work_resumes(private_redis: EmbeddedRedi
         assert worker.proc is not None and worker.proc.poll() is None
     finally:
         assert worker.stop() == 0
-    assert "redis is back, resuming the worker loop" in worker.messages()
+    assert "redis is back, resuming the step loop" in worker.messages()
 
 
 async def test_starts_while_redis_is_down(tmp_path: Path) -> None:
