@@ -55,36 +55,39 @@ class Settings(BaseSettings):
         gt=0,
         le=86_400,
         allow_inf_nan=False,
-        description="Seconds a job may take, at most 86400 (a step past 95 % of it is re-run; "
-        "its handler gets at most 80 %); a killed worker's job is re-run after this plus 10 s",
+        description="Seconds one job may take, at most 86400 (its handler gets at most 80 %); "
+        "a step past it is cut off and re-runs as a new attempt when its lease expires",
     )
     max_tries: int = Field(
         default=20,
         gt=0,
         le=1000,
-        description="arq-level starts of one job (crash re-runs) before it is dropped, 1 to 1000",
+        description="Starts of one of arq's own maintenance jobs (ping, reconciler) before arq "
+        "drops it, 1 to 1000",
     )
     keep_result: float = Field(
         default=0.0,
         ge=0,
         le=30 * 86_400,
         allow_inf_nan=False,
-        description="Seconds arq keeps a job result, at most 2592000 (30 days; state lives "
-        "in the enrollment)",
+        description="Seconds arq keeps a maintenance job's result, at most 2592000 (30 days; "
+        "campaign state lives in the enrollment)",
     )
     poll_delay: float = Field(
         default=0.05,
         gt=0,
         le=5,
         allow_inf_nan=False,
-        description="Seconds between queue polls (bounds lateness), at most 5",
+        description="Longest sleep of the step loop when nothing is due sooner (bounds how late a "
+        "step enqueued by another process starts), at most 5",
     )
     job_expiry_extra: float = Field(
         default=7 * 86_400.0,
         ge=60,
         le=366 * 86_400,
         allow_inf_nan=False,
-        description="Seconds a queued job key outlives its due time, 60 to 31622400 (366 days)",
+        description="Seconds an arq maintenance job key outlives its due time, 60 to 31622400 "
+        "(366 days); campaign jobs have no expiry",
     )
     http_host: str = Field(default="0.0.0.0", description="Health and metrics server address")  # noqa: S104
     http_port: int = Field(
