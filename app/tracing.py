@@ -7,22 +7,50 @@ costs next to nothing when tracing is off.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from opentelemetry import propagate, trace
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace import INVALID_SPAN, ProxyTracerProvider, Span, SpanKind
 
-__all__ = ["MESSAGING_SYSTEM", "current_carrier", "producer_span", "tracer"]
+__all__ = ["MESSAGING_SYSTEM", "current_carrier", "enabled", "producer_span", "refresh", "tracer"]
 
 MESSAGING_SYSTEM = "arq"  # no registered value exists for arq; custom values are allowed
 
 tracer = trace.get_tracer("campaign-scheduler")
 
 
+class _Cache:
+    at = -1.0
+    on = False
+
+
+def enabled() -> bool:
+    """Whether a tracer provider is installed; without one every span is a no-op, and the
+    hot paths skip making them at all (they cost microseconds each, per step). A provider,
+    once set, stays; until one is, the answer is looked up again at most once a second
+    (or at once after :func:`refresh`)."""
+    if _Cache.on:
+        return True
+    now = time.monotonic()
+    if now - _Cache.at >= 1.0:
+        provider = trace.get_tracer_provider()
+        _Cache.on = not isinstance(provider, ProxyTracerProvider | trace.NoOpTracerProvider)
+        _Cache.at = now
+    return _Cache.on
+
+
+def refresh() -> None:
+    """Look the tracer provider up again on the next span (call after setting one)."""
+    _Cache.at = -1.0
+
+
 def current_carrier() -> dict[str, str]:
     """The W3C ``traceparent``/``tracestate`` of the current span, for a job's kwargs."""
+    if not enabled():
+        return {}
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return carrier
@@ -34,6 +62,9 @@ def producer_span(
 ) -> Iterator[Span]:
     """A PRODUCER span ``create <queue>`` around planning and enqueueing a job, so the job
     carries this span's context (messaging semantic conventions)."""
+    if not enabled():
+        yield INVALID_SPAN
+        return
     attrs: dict[str, Any] = {
         "messaging.system": MESSAGING_SYSTEM,
         "messaging.operation.type": "create",

@@ -22,7 +22,6 @@ from app.keys import Keys
 from app.scheduling import SchedulingService
 from app.settings import Settings
 from worker.health import Health
-from worker.logs import bind
 from worker.metrics import metrics
 from worker.redis_errors import is_redis_error
 from worker.step_queue import Claim, ClaimCode, StepQueue
@@ -202,15 +201,14 @@ class StepEngine:
         if on_transition is None or payload.function != STEP_FUNCTION:
             return
         rerun = claim.code == ClaimCode.RERUN
-        attempt = int(claim.record.get("attempt") or 1)
-        with bind(job_id=claim.job_id, function=payload.function, node=payload.node,
-                  campaign_id=payload.target.campaign_id, step=payload.step, attempt=attempt):  # fmt: skip
-            on_transition(payload.target.enrollment_id, {
-                "from": "running" if rerun else "scheduled", "to": "running",
-                "node": payload.node, "step": payload.step,
-                "attempt": attempt,
-                "reason": "job re-run: its lease expired" if rerun else "job started",
-            })  # fmt: skip
+        on_transition(payload.target.enrollment_id, {
+            "from": "running" if rerun else "scheduled", "to": "running",
+            "node": payload.node, "step": payload.step,
+            "attempt": int(claim.record.get("attempt") or 1),
+            "reason": "job re-run: its lease expired" if rerun else "job started",
+            "job_id": claim.job_id, "function": payload.function,
+            "campaign_id": payload.target.campaign_id,
+        })  # fmt: skip
 
     async def _run_job(self, claim: Claim, ctx: dict[str, Any]) -> None:
         p = claim.payload
@@ -224,7 +222,7 @@ class StepEngine:
             kwargs["otel"] = p.otel
         args: list[Any] = [p.target.enrollment_id, p.step]
         if p.function == STEP_FUNCTION:
-            args.append(p.attempt)
+            args.append(int(claim.record.get("attempt") or p.attempt or 1))
         try:
             async with asyncio.timeout(self.settings.job_timeout):
                 await fn(ctx, *args, **kwargs)

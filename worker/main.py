@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any
 
@@ -34,14 +35,23 @@ def campaign_functions() -> dict[str, Any]:
     return {STEP_FUNCTION: run_step, TIMEOUT_FUNCTION: fire_timeout}
 
 
+_CONTEXT = ("attempt", "job_id", "function", "campaign_id")
+
+
+@functools.lru_cache(maxsize=16)
+def _transitions_to(state: str) -> Any:
+    return metrics.transitions.labels(to_state=state)
+
+
 def _log_transition(enrollment_id: str, entry: dict[str, Any]) -> None:
-    metrics.transitions.labels(to_state=entry["to"]).inc()
-    log.info(
-        "transition",
-        extra={"enrollment_id": enrollment_id, "from_state": entry.get("from"),
-               "to_state": entry["to"], "node": entry.get("node"), "step": entry.get("step"),
-               "reason": entry.get("reason")},
-    )  # fmt: skip
+    _transitions_to(entry["to"]).inc()
+    if not log.isEnabledFor(logging.INFO):
+        return
+    extra = {"enrollment_id": enrollment_id, "from_state": entry.get("from"),
+             "to_state": entry["to"], "node": entry.get("node"), "step": entry.get("step"),
+             "reason": entry.get("reason")}  # fmt: skip
+    extra.update((k, entry[k]) for k in _CONTEXT if k in entry)
+    log.info("transition", extra=extra)
 
 
 def make_hooks(settings: Settings, actions: ActionRegistry) -> tuple[Any, Any]:

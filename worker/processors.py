@@ -11,6 +11,8 @@ records the outcome also retires the job and queues the next one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -19,6 +21,7 @@ from typing import Any
 
 import orjson
 from opentelemetry import trace
+from opentelemetry.trace import INVALID_SPAN, Span
 
 from app.campaigns import ActionNode, Campaign
 from app.errors import CampaignNotFound
@@ -27,6 +30,7 @@ from app.models import State
 from app.scheduling import SchedulingService, error_info
 from app.settings import Settings
 from app.store import Applied
+from app.tracing import enabled as tracing_enabled
 from app.tracing import tracer
 from worker.actions import ActionContext, ActionRegistry, PermanentError, TransientError
 from worker.logs import bind
@@ -84,6 +88,24 @@ async def persist(ctx: dict[str, Any], write: Callable[[], Awaitable[Applied]]) 
             pause = min(pause * 2, 1.0)
 
 
+@functools.lru_cache(maxsize=256)
+def _action_metrics(action: str) -> tuple[dict[str, Any], Any]:
+    calls = {o: metrics.action_calls.labels(action=action, outcome=o)
+             for o in ("success", "transient", "permanent")}  # fmt: skip
+    return calls, metrics.action_duration.labels(action=action)
+
+
+def _action_span(action: str, key: str) -> contextlib.AbstractContextManager[Span]:
+    if not tracing_enabled():
+        return contextlib.nullcontext(INVALID_SPAN)
+    return tracer.start_as_current_span(
+        f"action {action}",
+        attributes={"campaign.action": action, "campaign.idempotency_key": key},
+        record_exception=False,
+        set_status_on_exception=False,
+    )
+
+
 def _label(result: Applied, ok: str) -> str:
     if result.job_conflict:
         metrics.job_conflicts.inc()
@@ -106,13 +128,11 @@ async def run_step(
     otel: dict[str, str] | None = None,
 ) -> str:
     """Execute one claimed step; returns the outcome label for metrics."""
+    # The engine passes the attempt the claim recorded (a re-run's is bumped), and the job
+    # instrumentation has bound the log context.
     target = JobTarget(enrollment_id, campaign, int(version), tz, int(base))
-    record: dict[str, str] = ctx.get("record") or {}
-    attempt = int(record.get("attempt") or attempt)
     _annotate(target, node, step, attempt)
-    with bind(enrollment_id=enrollment_id, campaign_id=campaign, node=node, step=step,
-              attempt=attempt):  # fmt: skip
-        return await _run_step(ctx, target, int(step), attempt, node, record)
+    return await _run_step(ctx, target, int(step), int(attempt), node, ctx.get("record") or {})
 
 
 async def _run_step(
@@ -208,11 +228,7 @@ async def _call_action(
     started = time.perf_counter()
     outcome_label = "success"
     try:
-        with tracer.start_as_current_span(
-            f"action {node.action}",
-            attributes={"campaign.action": node.action, "campaign.idempotency_key": action_ctx.idempotency_key},
-            record_exception=False, set_status_on_exception=False,
-        ) as span:  # fmt: skip
+        with _action_span(node.action, action_ctx.idempotency_key) as span:
             try:
                 try:
                     async with asyncio.timeout(timeout):
@@ -254,8 +270,9 @@ async def _call_action(
             error=error))  # fmt: skip
         return _label(result, "retry")
     finally:
-        metrics.action_calls.labels(action=node.action, outcome=outcome_label).inc()
-        metrics.action_duration.labels(action=node.action).observe(time.perf_counter() - started)
+        calls, duration = _action_metrics(node.action)
+        calls[outcome_label].inc()
+        duration.observe(time.perf_counter() - started)
 
     to_node = (
         node.outcomes[outcome] if outcome is not None and outcome in node.outcomes else node.next

@@ -17,10 +17,12 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import INVALID_SPAN, Link, Span, SpanKind, Status, StatusCode
 
 from app.settings import ConfigError
 from app.tracing import MESSAGING_SYSTEM, tracer
+from app.tracing import enabled as tracing_enabled
+from app.tracing import refresh as refresh_tracing
 
 __all__ = [
     "check_otel_env",
@@ -146,6 +148,7 @@ def setup_tracing(default_service_name: str = "campaign-worker") -> bool:
     else:
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
+    refresh_tracing()
     _provider = provider
     log.info(
         "tracing on",
@@ -182,6 +185,9 @@ def consumer_span(
     wait timeouts, which fire hours or days after the span that scheduled them ended, and
     would otherwise stretch one trace over days with a long hole in it.
     """
+    if not tracing_enabled():
+        yield INVALID_SPAN
+        return
     parent = propagate.extract(dict(carrier)) if carrier else None
     links: list[Link] = []
     if link_only and parent is not None:

@@ -617,14 +617,16 @@ async def test_every_metric_used_exists_in_a_real_scrape(
         })  # fmt: skip
         await client.enroll_many("scrape", [{"contact_id": f"s{i}"} for i in range(3)])
         await client.enroll("broken", "b0")
-        await client.redis.enqueue_job("no_such_function", _job_id="monitoring-poison")
+        shard = client.service.keys.shard(0)
+        await client.redis.hset(shard.jobs, "monitoring-poison", b"not json")
+        await client.redis.zadd(shard.queue, {"monitoring-poison": 1})
 
         async def settled() -> str:
             text = await scrape(worker)
             done = [
                 r'^campaign_enrollments\{campaign="scrape",state="completed"\} 3\.0$',
                 r'^campaign_enrollments\{campaign="broken",state="failed"\} 1\.0$',
-                r'^campaign_poison_jobs_total\{reason="unknown_function"\} 1\.0$',
+                r'^campaign_poison_jobs_total\{reason="malformed"\} 1\.0$',
             ]
             return text if all(re.search(d, text, re.M) for d in done) else ""
 

@@ -16,6 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from app import CampaignClient
 from app.models import State
 from app.settings import Settings
+from app.tracing import refresh as refresh_tracing
 from tests.fake_service import FakeService
 from tests.helpers import WorkerProcess, eventually
 from tests.worker.test_processors import campaign, http, wait_state
@@ -33,6 +34,7 @@ def client_tracing() -> Iterator[InMemorySpanExporter]:
         provider = TracerProvider()
         provider.add_span_processor(SimpleSpanProcessor(CLIENT_SPANS))
         trace.set_tracer_provider(provider)
+        refresh_tracing()
     yield CLIENT_SPANS
 
 
