@@ -23,6 +23,7 @@ from arq.connections import ArqRedis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
+from app.errors import CorruptRecord
 from app.jobs import Job
 from app.keys import Keys, ShardKeys
 from app.models import EnrollmentStatus, ErrorInfo, HistoryEntry, State, ms_to_datetime
@@ -38,6 +39,7 @@ __all__ = [
 ]
 
 _STATES = [s.value for s in State]
+_TERMINAL = ["completed", "failed", "cancelled"]
 
 
 def now_ms() -> int:
@@ -190,8 +192,14 @@ class EnrollmentStore:
         if tr.add_job is not None:
             j = tr.add_job
             job = {"id": j.id, "payload": j.payload(now).decode(), "score": j.score_ms}
+        states = list(dict.fromkeys(tr.expect_states))
+        if tr.create:
+            states.extend(_TERMINAL)  # a re-entry replaces a terminal record
+        if tr.new_state and tr.new_state not in states:
+            states.append(tr.new_state)
         op = {
             "id": enrollment_id,
+            "idx": states,
             "campaign": tr.campaign_id,
             "expect": {
                 "states": list(tr.expect_states),
@@ -216,7 +224,7 @@ class EnrollmentStore:
             shard.queue,
             shard.leases,
             shard.jobs,
-            *(shard.state_index(tr.campaign_id, s) for s in _STATES),
+            *(shard.state_index(tr.campaign_id, s) for s in states),
         ]
         return keys, [orjson.dumps(op)]
 
@@ -310,30 +318,56 @@ class EnrollmentStore:
 def to_status(
     enrollment_id: str, rec: dict[str, str], history: list[dict[str, Any]]
 ) -> EnrollmentStatus:
-    """Build the public status from a raw record."""
-    error = None
-    if rec.get("error"):
-        doc = orjson.loads(rec["error"])
-        doc["at"] = ms_to_datetime(doc.get("at"))
-        error = ErrorInfo(**doc)
-    return EnrollmentStatus(
-        enrollment_id=enrollment_id,
-        campaign_id=rec["campaign"],
-        contact_id=rec.get("contact", ""),
-        campaign_version=int(rec.get("version", 0)),
-        state=State(rec["state"]),
-        node=rec.get("node") or None,
-        step=int(rec.get("step", 0)),
-        attempt=int(rec.get("attempt", 0)),
-        run_at=ms_to_datetime(rec.get("run_at")),
-        deadline=ms_to_datetime(rec.get("deadline")),
-        timezone=rec.get("timezone") or None,
-        attributes=orjson.loads(rec["attributes"]) if rec.get("attributes") else {},
-        error=error,
-        created_at=ms_to_datetime(rec.get("created_at")),
-        updated_at=ms_to_datetime(rec.get("updated_at")),
-        history=[HistoryEntry.from_json(h) for h in history],
-    )
+    """Build the public status from a raw record.
+
+    A field that cannot be read raises :class:`~app.errors.CorruptRecord` naming the
+    enrollment and the field (never ``ValueError`` or ``JSONDecodeError``).
+    """
+    field = "?"
+    try:
+        field = "error"
+        error = None
+        if rec.get("error"):
+            doc = orjson.loads(rec["error"])
+            if not isinstance(doc, dict):
+                raise ValueError("not a JSON object")
+            doc["at"] = ms_to_datetime(doc.get("at"))
+            error = ErrorInfo(**doc)
+        field = "attributes"
+        attributes = orjson.loads(rec["attributes"]) if rec.get("attributes") else {}
+        if not isinstance(attributes, dict):
+            raise ValueError("not a JSON object")
+        values: dict[str, Any] = {}
+        for field, name in (("campaign", "campaign_id"), ("state", "state")):
+            if field not in rec:
+                raise ValueError("missing")
+            values[name] = rec[field]
+        field = "state"
+        values["state"] = State(rec["state"])
+        for field, name in (("version", "campaign_version"), ("step", "step"),
+                            ("attempt", "attempt")):  # fmt: skip
+            values[name] = int(rec.get(field) or 0)
+        for field in ("run_at", "deadline", "created_at", "updated_at"):
+            values[field] = ms_to_datetime(rec.get(field))
+        field = "history"
+        entries = [HistoryEntry.from_json(h) for h in history]
+        field = "?"
+        return EnrollmentStatus(
+            enrollment_id=enrollment_id,
+            contact_id=rec.get("contact", ""),
+            node=rec.get("node") or None,
+            timezone=rec.get("timezone") or None,
+            attributes=attributes,
+            error=error,
+            history=entries,
+            **values,
+        )
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError, OSError) as exc:
+        # orjson.JSONDecodeError and pydantic's ValidationError are ValueErrors
+        raise CorruptRecord(
+            f"enrollment {enrollment_id!r}: stored field {field!r} cannot be read "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
+        ) from None
 
 
 def _s(value: Any) -> str:

@@ -33,6 +33,8 @@ log = logging.getLogger("worker.engine")
 JobFunction = Callable[..., Awaitable[Any]]
 
 HEARTBEAT_EVERY = 5.0
+#: How often running jobs are checked against CAMPAIGN_JOB_TIMEOUT.
+WATCHDOG_EVERY = 0.5
 #: A step whose bookkeeping failed before its outcome was known runs again after this.
 HAND_BACK_DELAY_MS = 5000
 
@@ -63,6 +65,8 @@ class StepEngine:
         self._stop = asyncio.Event()
         self._failures = 0
         self._last_beat = 0.0
+        self._deadlines: dict[str, float] = {}
+        self._overrun: set[str] = set()
         self.jobs_started = 0
 
     @property
@@ -124,9 +128,20 @@ class StepEngine:
         return taken, next_ms
 
     async def _renew_forever(self) -> None:
+        """Renew the leases of running jobs every lease/3, and cut off jobs past their
+        budget (one watchdog for all of them: a timer per job costs more than the job)."""
         every = self.settings.lease / 3
+        next_renewal = time.monotonic() + every
         while True:
-            await asyncio.sleep(every)
+            await asyncio.sleep(min(WATCHDOG_EVERY, every))
+            now = time.monotonic()
+            for job_id, (task, _claim) in list(self.running.items()):
+                if now > self._deadlines.get(job_id, now) and job_id not in self._overrun:
+                    self._overrun.add(job_id)
+                    task.cancel()
+            if now < next_renewal:
+                continue
+            next_renewal = now + every
             held = [(claim.shard, job_id) for job_id, (_t, claim) in self.running.items()]
             try:
                 await self.queue.renew(held)
@@ -187,11 +202,14 @@ class StepEngine:
         }
         task = asyncio.create_task(self._run_job(claim, ctx))
         self.running[claim.job_id] = (task, claim)
+        self._deadlines[claim.job_id] = ctx["deadline"]
         self.jobs_started += 1
         task.add_done_callback(functools.partial(self._finished, claim.job_id))
 
     def _finished(self, job_id: str, _task: asyncio.Task[None]) -> None:
         self.running.pop(job_id, None)
+        self._deadlines.pop(job_id, None)
+        self._overrun.discard(job_id)
         self._slot.set()
 
     def _log_claim(self, claim: Claim) -> None:
@@ -224,21 +242,22 @@ class StepEngine:
         if p.function == STEP_FUNCTION:
             args.append(int(claim.record.get("attempt") or p.attempt or 1))
         try:
-            async with asyncio.timeout(self.settings.job_timeout):
-                await fn(ctx, *args, **kwargs)
+            await fn(ctx, *args, **kwargs)
         except asyncio.CancelledError:
+            if claim.job_id in self._overrun and not self.draining:
+                # Cut off by the watchdog. Not handed back: that would re-run it as the same
+                # attempt, forever if it always overruns. Its lease lapses instead, and the
+                # re-run counts as a new attempt.
+                log.error(
+                    "job overran CAMPAIGN_JOB_TIMEOUT; it re-runs when its lease expires",
+                    extra={"job_id": claim.job_id},
+                )
+                return
             if self.draining:
                 await asyncio.shield(
                     self._hand_back(claim, "worker shutting down: step handed back", 0)
                 )
             raise
-        except TimeoutError:
-            # Not handed back: that would re-run it as the same attempt, forever if it always
-            # overruns. Its lease lapses instead, and the re-run counts as a new attempt.
-            log.error(
-                "job overran CAMPAIGN_JOB_TIMEOUT; it re-runs when its lease expires",
-                extra={"job_id": claim.job_id},
-            )
         except Exception:
             log.exception("job bookkeeping failed; handing it back", extra={"job_id": claim.job_id})
             await self._hand_back(claim, "bookkeeping failed: step handed back", HAND_BACK_DELAY_MS)

@@ -7,9 +7,11 @@
 -- queueing the next node's job are one call.
 --
 -- KEYS[1] enrollment hash  KEYS[2] history list  KEYS[3] queue  KEYS[4] leases  KEYS[5] jobs
--- KEYS[6..11] the campaign's index sets: scheduled running waiting completed failed cancelled
+-- KEYS[6..] the campaign's index sets of the states in `idx` (every state the record may be
+--           in or move to), in that order
 -- ARGV[1] JSON operation:
 --   id          enrollment id (index set member)     campaign  its campaign id
+--   idx         the states whose index set keys follow KEYS[5]
 --   expect      {states = {...}, step = n|nil, attempt = n|nil, job = id|nil}
 --   create      create the record (it must not exist, unless `reentry` and it is terminal
 --               with step == expect.step)
@@ -21,8 +23,8 @@
 --       | {-2, job_id} job id taken by another enrollment | {-3} current job is not orphaned
 local op = cjson.decode(ARGV[1])
 local enr, hist, queue, leases, jobs = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local index = {scheduled = KEYS[6], running = KEYS[7], waiting = KEYS[8],
-               completed = KEYS[9], failed = KEYS[10], cancelled = KEYS[11]}
+local index = {}
+for i, s in ipairs(op.idx) do index[s] = KEYS[5 + i] end
 local function given(v) return v ~= nil and v ~= cjson.null end
 
 local cur = redis.call('HMGET', enr, 'state', 'step', 'attempt', 'campaign', 'job')
@@ -89,6 +91,9 @@ end
 if #flat > 0 then redis.call('HSET', enr, unpack(flat)) end
 
 if state ~= new_state then
+  if (state and not index[state]) or not index[new_state] then
+    return redis.error_reply('transition: no index key passed for state ' .. (state or '') .. '/' .. new_state)
+  end
   if state then redis.call('SREM', index[state], op.id) end
   redis.call('SADD', index[new_state], op.id)
 end
