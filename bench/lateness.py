@@ -1,6 +1,6 @@
 """Lateness of deferred steps under a steady load, against plain arq deferred jobs.
 
-    .venv/bin/python bench/lateness.py [--rate R] [--seconds S] [--repeats N]
+    .venv/bin/python bench/lateness.py [--rate R (500)] [--seconds S] [--repeats N]
 
 Jobs come due at R per second for S seconds. "plain arq": jobs enqueued with
 ``_defer_by=1s`` at that pace, run by one arq Worker (poll 0.01 s, max_jobs 50, JSON).
@@ -30,9 +30,8 @@ from app.connection import create_redis
 from app.settings import Settings
 from worker.actions import ActionContext, default_registry
 from worker.embedded_redis import EmbeddedRedis
-from worker.main import functions, make_hooks
+from worker.main import serve
 from worker.metrics import metrics
-from worker.runtime import run_worker
 
 POLL = 0.01
 MAX_JOBS = 50
@@ -96,10 +95,7 @@ async def campaign_steps(url: str, rate: int, seconds: float) -> list[float]:
             "wait": {"type": "delay", "duration": 1.0, "next": "a"},
             "a": {"type": "action", "action": "noop", "next": None}}})  # fmt: skip
         stop = asyncio.Event()
-        on_startup, on_shutdown = make_hooks(settings, actions)
-        task = asyncio.create_task(run_worker(settings, functions(settings), on_startup=on_startup,
-                                              on_shutdown=on_shutdown, install_signal_handlers=False,
-                                              stop=stop))  # fmt: skip
+        task = asyncio.create_task(serve(settings, actions, install_signal_handlers=False, stop=stop))
 
         async def submit(i: int, n: int) -> None:
             await client.enroll_many("late", [{"contact_id": f"c{i}:{k}"} for k in range(n)])
@@ -121,7 +117,7 @@ def pct(values: list[float], q: float) -> float:
 
 async def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rate", type=int, default=300, help="jobs coming due per second")
+    parser.add_argument("--rate", type=int, default=500, help="jobs coming due per second")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -130,12 +126,15 @@ async def main() -> None:
         "plain arq deferred job": [],
         "campaign step after a delay": [],
     }
+    conf = Path(__file__).resolve().parents[1] / "deploy" / "redis" / "redis.conf"
     for _ in range(args.repeats):
-        with EmbeddedRedis() as a:
-            s = await plain_arq(a.url, args.rate, args.seconds)
+        with EmbeddedRedis(config=conf) as redis:  # the same server for both, flushed between
+            s = await plain_arq(redis.url, args.rate, args.seconds)
             rows["plain arq deferred job"].append((pct(s, 0.5), pct(s, 0.99), max(s) * 1000))
-        with EmbeddedRedis() as b:
-            s = await campaign_steps(b.url, args.rate, args.seconds)
+            flusher = create_redis(Settings(redis_url=redis.url))  # type: ignore[arg-type]
+            await flusher.flushall()
+            await flusher.aclose()
+            s = await campaign_steps(redis.url, args.rate, args.seconds)
             rows["campaign step after a delay"].append((pct(s, 0.5), pct(s, 0.99), max(s) * 1000))
     print(
         f"{args.rate} due/s for {args.seconds:g} s, {args.repeats} runs, poll_delay={POLL}s, max_jobs={MAX_JOBS}"
