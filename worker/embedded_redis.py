@@ -140,6 +140,16 @@ class EmbeddedRedis:
             self.process.stderr.close()
         self.process = None
 
+    def kill(self) -> None:
+        """SIGKILL the server, as a crash would (nothing is flushed beyond its AOF policy)."""
+        if self.process is None:
+            return
+        self.process.kill()
+        self.process.wait()
+        if self.process.stderr:
+            self.process.stderr.close()
+        self.process = None
+
     def restart(self) -> None:
         """Stop, then start again on the same port and data directory."""
         self.stop()
