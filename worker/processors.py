@@ -132,7 +132,24 @@ async def run_step(
     # instrumentation has bound the log context.
     target = JobTarget(enrollment_id, campaign, int(version), tz, int(base))
     _annotate(target, node, step, attempt)
-    return await _run_step(ctx, target, int(step), int(attempt), node, ctx.get("record") or {})
+    outcome = await _run_step(ctx, target, int(step), int(attempt), node, ctx.get("record") or {})
+    if outcome == "conflict":
+        await _fail_conflict(ctx, target, node, int(step), int(attempt), State.RUNNING)
+    return outcome
+
+
+async def _fail_conflict(
+    ctx: dict[str, Any], target: JobTarget, node: str | None, step: int, attempt: int | None,
+    state: State,
+) -> None:  # fmt: skip
+    """The next job's id is taken (a leftover job of this enrollment): fail the enrollment
+    with a named error rather than leave it running until its lease lapses, again and again."""
+    service: SchedulingService = ctx["service"]
+    error = {"type": "JobConflict", "trace_id": _trace_id(),
+             "message": "the id of the job this step would queue next is taken by a leftover "
+                        "job; see campaign_job_conflicts_total and the dead letters"}  # fmt: skip
+    await persist(ctx, lambda: service.fail(target, job_id=ctx["job_id"], node=node, step=step,
+                                            attempt=attempt, error=error, expect_state=state))  # fmt: skip
 
 
 async def _run_step(
@@ -309,6 +326,8 @@ async def fire_timeout(
         try:
             result = await persist(ctx, lambda: service.fire_timeout(
                 target, job_id=job_id, node=node, step=int(step)))  # fmt: skip
+            if result.job_conflict:
+                await _fail_conflict(ctx, target, node, int(step), None, State.WAITING)
         except CampaignNotFound as exc:
             log.error("timeout for a campaign version or node that no longer exists")
             missing = error_info(exc)

@@ -578,3 +578,21 @@ async def test_cancel_removes_a_job_made_after_it_read_the_record(
     assert not (await client.service.store.apply(st.enrollment_id, stale)).ok
     assert await client.cancel(st.enrollment_id)
     assert f"step:{st.enrollment_id}:1:2" not in await queued(client.redis, client.service.keys)
+
+
+async def test_a_taken_next_job_id_fails_the_enrollment_by_name(
+    client: CampaignClient, worker: WorkerProcess
+) -> None:
+    await client.register_campaign(campaign("conflict", {
+        "first": {"type": "action", "action": "log", "next": "second"},
+        "second": {"type": "action", "action": "log", "next": "done"}}))  # fmt: skip
+    st = await client.service.enroll("conflict", "a", now=datetime.now(UTC) + timedelta(hours=1))
+    shard = client.service.keys.for_enrollment(st.enrollment_id)
+    leftover = f"step:{st.enrollment_id}:2:1"
+    await client.redis.hset(shard.jobs, leftover, b"{}")  # a leftover (say, a bad restore)
+    await client.redis.zadd(shard.queue, {f"step:{st.enrollment_id}:1:1": 0})  # due now
+    failed = await wait_state(client, st.enrollment_id, State.FAILED)
+    assert failed.error is not None and failed.error.type == "JobConflict"
+    _, text = await worker.get("/metrics")
+    assert "campaign_job_conflicts_total 1.0" in text
+    assert 'campaign_jobs_total{function="run_step",outcome="conflict"} 1.0' in text
