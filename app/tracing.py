@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from opentelemetry import propagate, trace
@@ -56,15 +56,19 @@ def current_carrier() -> dict[str, str]:
     return carrier
 
 
-@contextmanager
 def producer_span(
     operation: str, queue: str, attributes: dict[str, Any] | None = None
-) -> Iterator[Span]:
+) -> AbstractContextManager[Span]:
     """A PRODUCER span ``create <queue>`` around planning and enqueueing a job, so the job
-    carries this span's context (messaging semantic conventions)."""
+    carries this span's context (messaging semantic conventions); a no-op context when
+    tracing is off."""
     if not enabled():
-        yield INVALID_SPAN
-        return
+        return nullcontext(INVALID_SPAN)
+    return _producer_span(operation, queue, attributes)
+
+
+@contextmanager
+def _producer_span(operation: str, queue: str, attributes: dict[str, Any] | None) -> Iterator[Span]:
     attrs: dict[str, Any] = {
         "messaging.system": MESSAGING_SYSTEM,
         "messaging.operation.type": "create",

@@ -145,7 +145,7 @@ async def main() -> None:
     if bull_rates:
         print(row("BullMQ no-op job", bull_rates, base))
     else:
-        print("| BullMQ no-op job | skipped (no node/npm) | | |")
+        print("| BullMQ no-op job | not run (--no-bullmq, or node/npm missing) | | |")
     print(f"round trips per campaign step (counting proxy, {min(args.jobs, 2000)} steps): "
           f"{trips:.3f}")  # fmt: skip
 

@@ -10,8 +10,7 @@ import contextvars
 import logging
 import sys
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -25,14 +24,21 @@ job_context: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.Cont
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
-@contextmanager
-def bind(**fields: Any) -> Iterator[None]:
-    """Add fields to every log line written inside the block (and tasks it starts)."""
-    token = job_context.set({**(job_context.get() or {}), **fields})
-    try:
-        yield
-    finally:
-        job_context.reset(token)
+class bind:  # lower case: it reads like a function, ``with bind(job_id=...)``
+    """Add fields to every log line written inside the block (and tasks it starts).
+
+    A class rather than a generator context manager: it runs several times per job."""
+
+    __slots__ = ("_fields", "_token")
+
+    def __init__(self, **fields: Any) -> None:
+        self._fields = fields
+
+    def __enter__(self) -> None:
+        self._token = job_context.set({**(job_context.get() or {}), **self._fields})
+
+    def __exit__(self, *exc: object) -> None:
+        job_context.reset(self._token)
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:

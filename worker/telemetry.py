@@ -12,7 +12,7 @@ import logging
 import math
 import os
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -168,8 +168,30 @@ def shutdown_tracing() -> None:
         _provider = None
 
 
-@contextmanager
 def consumer_span(
+    function: str,
+    queue: str,
+    job_id: str | None,
+    job_try: int | None,
+    lateness: float,
+    carrier: Mapping[str, str] | None,
+    *,
+    link_only: bool,
+) -> AbstractContextManager[Span]:
+    """The CONSUMER span ``process <function>`` continuing the job's producer context.
+
+    ``link_only`` starts a new trace linked to the producer instead of a child: used for
+    wait timeouts, which fire hours or days after the span that scheduled them ended, and
+    would otherwise stretch one trace over days with a long hole in it. With tracing off it
+    is a no-op context (no span objects on the hot path).
+    """
+    if not tracing_enabled():
+        return nullcontext(INVALID_SPAN)
+    return _consumer_span(function, queue, job_id, job_try, lateness, carrier, link_only=link_only)
+
+
+@contextmanager
+def _consumer_span(
     function: str,
     queue: str,
     job_id: str | None,
@@ -185,9 +207,6 @@ def consumer_span(
     wait timeouts, which fire hours or days after the span that scheduled them ended, and
     would otherwise stretch one trace over days with a long hole in it.
     """
-    if not tracing_enabled():
-        yield INVALID_SPAN
-        return
     parent = propagate.extract(dict(carrier)) if carrier else None
     links: list[Link] = []
     if link_only and parent is not None:
