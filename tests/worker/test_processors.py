@@ -143,8 +143,10 @@ async def test_exhausted_retries_fail_then_replay_completes(
 async def test_retry_after_is_honoured(
     client: CampaignClient, svc: FakeService, worker: WorkerProcess
 ) -> None:
+    # Retry-After is a floor up to the node's max_delay (2 s here), which it stays below
+    retry = {**fast_retry(3, 0.05), "max_delay": 2}
     await client.register_campaign(
-        campaign("rl", {"first": http("/ratelimit/1", svc, retry=fast_retry(3, 0.05))})
+        campaign("rl", {"first": http("/ratelimit/1", svc, retry=retry)})
     )
     st = await client.enroll("rl", "a")
     await wait_state(client, st.enrollment_id, State.COMPLETED)
