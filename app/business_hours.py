@@ -52,7 +52,7 @@ from pydantic import (
     model_validator,
 )
 
-__all__ = ["BusinessHours", "spread_offset"]
+__all__ = ["ADD_HORIZON", "BeyondHorizon", "BusinessHours", "spread_offset"]
 
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _DAY_MIN = 24 * 60
@@ -67,6 +67,10 @@ _MAX_EMPTY_MONTHS = 15
 _CHUNK_CACHE_MAX = 600
 # A schedule is valid only if it opens within this long from the moment of validation.
 _HORIZON = timedelta(days=366)
+#: `BusinessHours.add` never looks further than this past its start (10 years, the longest
+#: duration a campaign may hold, plus a year of slack for a contact's own zone and changed
+#: holiday data), so no call can keep the event loop busy for long.
+ADD_HORIZON = timedelta(days=3650 + 366)
 
 Window = tuple[int, int]
 """(start, end) in minutes from local midnight of the day the window starts on."""
@@ -95,6 +99,14 @@ def _to_us(t: datetime) -> int:
     """Microseconds since the epoch; `t` must be aware."""
     td = t - _EPOCH
     return (td.days * 86_400 + td.seconds) * _SEC + td.microseconds
+
+
+def _stored(info: ValidationInfo) -> bool:
+    return isinstance(info.context, dict) and bool(info.context.get("stored"))
+
+
+def _days(d: timedelta) -> str:
+    return f"{d.days}d" if d == timedelta(days=d.days) else str(d)
 
 
 def _check_aware(t: datetime, name: str = "t") -> None:
@@ -169,6 +181,14 @@ class _Chunk:
         self.total = cum[-1]
 
 
+class BeyondHorizon(ValueError):
+    """`BusinessHours.add` would end later than the horizon it was given."""
+
+
+class _BeyondLimit(Exception):
+    pass
+
+
 class _NoOpenTime(RuntimeError):
     """No open time within a year and more past every listed holiday: cannot happen for a
     validated schedule unless its listed holidays close more than a year in a row."""
@@ -203,9 +223,7 @@ class _Engine:
     def closed(self, day: date) -> bool:
         if day in self.listed:
             return True
-        return self.country is not None and day in _public_holidays(
-            self.country, self.subdiv, day.year
-        )
+        return self.country is not None and day in _holidays_of(self.country, self.subdiv, day.year)
 
     def resolve(self, day: date, minutes: int) -> int:
         """The instant of wall time `day` + `minutes`, per the DST rules."""
@@ -308,13 +326,15 @@ class _Engine:
         s = c.starts[i]
         return m, c.cum[i] + (x - s if x > s else 0), c
 
-    def add(self, x: int, m: int, d: int) -> int:
+    def add(self, x: int, m: int, d: int, limit: int | None = None) -> int:
         m, target, c = self.position(x, m)
         target += d
         # `>=`: running out exactly at the month's last window end moves on to the next
         # window's start, as the contract asks.
         while target >= c.total:
             target -= c.total
+            if limit is not None and m >= limit:
+                raise _BeyondLimit
             c, m = self.following(m)
         j = bisect_right(c.cum, target) - 1
         return c.starts[j] + target - c.cum[j]
@@ -338,6 +358,21 @@ class _Engine:
 
 def _month(d: date) -> int:
     return d.year * 12 + d.month - 1
+
+
+def _holidays_of(country: str, subdiv: str | None, year: int) -> frozenset[date]:
+    """Public holidays for a schedule that was accepted earlier: if the installed
+    ``holidays`` data no longer knows the subdivision (or the country), fall back to the
+    country's holidays (or none) rather than fail a stored campaign version."""
+    try:
+        return _public_holidays(country, subdiv, year)
+    except (NotImplementedError, KeyError, ValueError):
+        if subdiv is None:
+            return frozenset()
+    try:
+        return _public_holidays(country, None, year)
+    except (NotImplementedError, KeyError, ValueError):
+        return frozenset()
 
 
 class BusinessHours(BaseModel):
@@ -364,6 +399,9 @@ class BusinessHours(BaseModel):
 
     _e: _Engine = PrivateAttr()
     _zones: dict[str, BusinessHours] = PrivateAttr(default_factory=dict)
+    # Validated with context {"stored": True}: a schedule accepted earlier, loaded without
+    # the checks that depend on today's date or the installed holidays data.
+    _stored: bool = PrivateAttr(default=False)
 
     # -- validation -----------------------------------------------------------------
 
@@ -391,8 +429,8 @@ class BusinessHours(BaseModel):
 
     @field_validator("holiday_country")
     @classmethod
-    def _check_country(cls, v: str | None) -> str | None:
-        if v is not None:
+    def _check_country(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and not _stored(info):
             try:
                 _public_holidays(v, None, datetime.now(UTC).year)
             except NotImplementedError as exc:
@@ -411,6 +449,8 @@ class BusinessHours(BaseModel):
         country = info.data["holiday_country"]
         if country is None:
             raise ValueError(f"holiday_subdivision: {v!r} given without holiday_country")
+        if _stored(info):
+            return v
         try:
             _public_holidays(country, v, datetime.now(UTC).year)
         except NotImplementedError as exc:
@@ -420,6 +460,7 @@ class BusinessHours(BaseModel):
         return v
 
     def model_post_init(self, context: Any, /) -> None:
+        self._stored = isinstance(context, dict) and bool(context.get("stored"))
         self._e = _Engine(
             ZoneInfo(self.timezone),
             _parse_weekly(self.weekly),
@@ -431,6 +472,8 @@ class BusinessHours(BaseModel):
 
     @model_validator(mode="after")
     def _check_opens(self) -> Self:
+        if self._stored:
+            return self
         e = self._e
         now = datetime.now(UTC)
         x = _to_us(now)
@@ -471,7 +514,7 @@ class BusinessHours(BaseModel):
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
         """A copy; with `update` the result is validated and gets its own caches."""
         if update:
-            return self.model_validate({**self.model_dump(), **update})
+            return self.model_validate({**self.model_dump(), **update}, context=self._context())
         return super().model_copy(deep=deep)
 
     def with_timezone(self, tz: str) -> BusinessHours:
@@ -480,9 +523,14 @@ class BusinessHours(BaseModel):
             return self
         other = self._zones.get(tz)
         if other is None:
-            other = self.model_validate({**self.model_dump(), "timezone": tz})
+            other = self.model_validate(
+                {**self.model_dump(), "timezone": tz}, context=self._context()
+            )
             self._zones[tz] = other
         return other
+
+    def _context(self) -> dict[str, Any] | None:
+        return {"stored": True} if self._stored else None
 
     @property
     def tzinfo(self) -> ZoneInfo:
@@ -530,17 +578,32 @@ class BusinessHours(BaseModel):
         width = min(e.spread_us, c.ends[i] - s)
         return self._out(s + _spread_us(key, width))
 
-    def add(self, t: datetime, d: timedelta) -> datetime:
+    def add(self, t: datetime, d: timedelta, *, within: timedelta = ADD_HORIZON) -> datetime:
         """The instant at which `d` of open time has passed since `t`; always open.
 
         If `d` runs out exactly at a window's end the result is the next window's start;
-        ``add(t, timedelta(0)) == next_open(t)``. Negative `d` raises ValueError.
+        ``add(t, timedelta(0)) == next_open(t)``. Negative `d` raises ValueError. A result
+        later than ``t + within`` raises :class:`BeyondHorizon` (a ValueError), found
+        without computing past that horizon.
         """
         _check_aware(t)
         if d < timedelta(0):
             raise ValueError(f"d must not be negative, got {d}")
         e = self._e
-        return self._out(e.add(_to_us(t), e.month_of(t), d // _US))
+        x = _to_us(t)
+        end = x + within // _US
+        beyond = BeyondHorizon(
+            f"{_days(d)} of open time does not end within {_days(within)} "
+            f"of {t.astimezone(e.tz):%Y-%m-%d} on this schedule"
+        )
+        try:
+            limit = e.month_of(self._out(end))
+            result = e.add(x, e.month_of(t), d // _US, limit)
+        except (_BeyondLimit, OverflowError):
+            raise beyond from None
+        if result > end:
+            raise beyond
+        return self._out(result)
 
     def open_time(self, a: datetime, b: datetime) -> timedelta:
         """The open time inside [a, b), in real elapsed time (zero when b <= a)."""

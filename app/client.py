@@ -8,9 +8,9 @@ from typing import Any
 
 from arq.connections import ArqRedis
 
-from app.campaigns import Campaign
+from app.campaigns import Campaign, Limits
 from app.connection import create_redis
-from app.models import EnrollmentStatus
+from app.models import EnrollManyResult, EnrollmentStatus
 from app.scheduling import SchedulingService
 from app.settings import Settings, get_settings
 
@@ -21,7 +21,10 @@ class CampaignClient:
     """Register campaigns, enroll contacts, deliver events, cancel, inspect and replay.
 
     Use as ``async with CampaignClient.from_settings() as client: ...`` or with an explicit
-    ``redis_url``. Every method raises a typed :mod:`app.errors` exception on bad input.
+    ``redis_url``. Every method raises a typed :mod:`app.errors` exception on bad input or
+    a corrupt record (:class:`~app.errors.CorruptRecord`); input past a limit of PRODUCT.md
+    section 11 (``CAMPAIGN_MAX_*`` settings) is an ``InvalidRequest``/``InvalidCampaign``
+    naming the field and the limit.
     """
 
     def __init__(
@@ -41,6 +44,7 @@ class CampaignClient:
         self._owns_redis = redis is None
         self.redis = redis if redis is not None else create_redis(settings)
         self.service = SchedulingService(self.redis, settings)
+        self.limits = Limits.from_settings(settings)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> CampaignClient:
@@ -66,9 +70,11 @@ class CampaignClient:
     async def register_campaign(self, definition: Mapping[str, Any] | Campaign) -> int:
         """Validate and store a campaign; returns its new version (1 for a new id).
 
-        Raises :class:`~app.errors.InvalidCampaign` naming every bad field.
+        Raises :class:`~app.errors.InvalidCampaign` naming every bad field, or a limit
+        passed (definition size, node count, name length, durations). A
+        :class:`~app.campaigns.Campaign` instance is validated again from its definition.
         """
-        return (await self.service.registry.register(definition)).version or 0
+        return (await self.service.registry.register(definition, self.limits)).version or 0
 
     async def get_campaign(self, campaign_id: str, version: int | None = None) -> Campaign:
         """A registered campaign version (the latest when None)."""
@@ -90,20 +96,35 @@ class CampaignClient:
 
     async def enroll_many(
         self, campaign_id: str, contacts: Iterable[Mapping[str, Any]], *, batch_size: int = 1000
-    ) -> int:
+    ) -> EnrollManyResult:
         """Enroll many contacts (dicts with ``contact_id`` and optional ``attributes`` and
         ``timezone``), one pipelined round trip per ``batch_size``; returns how many were
-        enrolled. Contacts already enrolled are skipped, not raised."""
+        enrolled (an ``int``; see :class:`~app.models.EnrollManyResult` for the rows it
+        skipped and why). Contacts already enrolled are skipped, not raised; so are contacts
+        whose job id is still taken by a leftover job of an earlier enrollment with the
+        same id (listed in ``.conflicts``).
+
+        When it stops part-way (a bad row, a Redis error, the iterable raising) it raises
+        :class:`~app.errors.EnrollManyError` (for a bad row :class:`~app.errors.InvalidRow`,
+        also an ``InvalidRequest``) with ``.enrolled``, ``.row`` and ``.processed``; see
+        :meth:`app.scheduling.SchedulingService.enroll_many`.
+        """
         return await self.service.enroll_many(campaign_id, contacts, batch_size=batch_size)
 
     async def signal(
         self, enrollment_id: str, event: str, payload: Mapping[str, Any] | None = None
     ) -> bool:
-        """Deliver an event; False when the enrollment is not waiting for that event."""
+        """Deliver an event; False when the enrollment is not waiting for that event.
+
+        ``payload`` must be a JSON object of at most ``CAMPAIGN_MAX_PAYLOAD_BYTES``.
+        """
         return await self.service.signal(enrollment_id, event, payload)
 
     async def cancel(self, enrollment_id: str, reason: str = "") -> bool:
-        """Cancel an active enrollment (final); False when it had already ended."""
+        """Cancel an active enrollment (final); False when it had already ended.
+
+        ``reason`` (kept in the history) is at most ``CAMPAIGN_MAX_REASON_LENGTH`` characters.
+        """
         return await self.service.cancel(enrollment_id, reason)
 
     async def status(self, enrollment_id: str) -> EnrollmentStatus:

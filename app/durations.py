@@ -3,21 +3,39 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, ValidationInfo
 
-__all__ = ["Duration", "format_duration"]
+from app.settings import MAX_DURATION_CEILING
+
+__all__ = ["MAX_DURATION", "Duration", "format_duration"]
+
+#: The longest duration a campaign may hold when validated without limits (10 years);
+#: ``CAMPAIGN_MAX_DURATION`` may lower it, never raise it.
+MAX_DURATION = MAX_DURATION_CEILING
 
 
-def _non_negative(value: timedelta) -> timedelta:
+def _check(value: timedelta, info: ValidationInfo) -> timedelta:
     if value < timedelta(0):
         raise ValueError(f"duration must not be negative (got {format_duration(value)})")
+    context: Any = info.context
+    limit = MAX_DURATION
+    if isinstance(context, dict):
+        if context.get("stored"):
+            return value  # a stored version loads as it was accepted, whatever today's limit
+        limit = context.get("max_duration", MAX_DURATION)
+    if value > limit:
+        raise ValueError(
+            f"duration must be at most {format_duration(limit)} (CAMPAIGN_MAX_DURATION), "
+            f"got {format_duration(value)}"
+        )
     return value
 
 
-#: A non-negative ``timedelta`` parsed by pydantic from ISO 8601 or seconds.
-Duration = Annotated[timedelta, AfterValidator(_non_negative)]
+#: A non-negative ``timedelta`` parsed by pydantic from ISO 8601 or seconds, at most
+#: :data:`MAX_DURATION` (or the ``max_duration`` of the validation context).
+Duration = Annotated[timedelta, AfterValidator(_check)]
 
 
 def format_duration(value: timedelta) -> str:

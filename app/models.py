@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict
 __all__ = [
     "ACTIVE_STATES",
     "TERMINAL_STATES",
+    "EnrollManyResult",
     "EnrollmentStatus",
     "ErrorInfo",
     "HistoryEntry",
@@ -105,3 +106,49 @@ class EnrollmentStatus(_Frozen):
     @property
     def is_terminal(self) -> bool:
         return self.state in TERMINAL_STATES
+
+
+class EnrollManyResult(int):
+    """What ``enroll_many`` returns: the number of contacts it enrolled (an ``int``), and
+    why it skipped the others.
+
+    ``already_enrolled``: rows skipped because the contact has an enrollment that may not
+    be replaced (active, or ended in a campaign without re-entry).
+    ``conflicts``: rows skipped because a job with the id the enrollment needs is still
+    queued from an earlier enrollment with the same id (a leftover; it leaves the queue
+    when it runs or when the reconciler drops it; enroll that contact again later); the
+    first 100 as ``(row, contact_id, reason)``, and ``conflict_count`` in all.
+    """
+
+    already_enrolled: int
+    conflicts: tuple[tuple[int, str, str], ...]
+    conflict_count: int
+
+    def __new__(
+        cls,
+        enrolled: int,
+        *,
+        already_enrolled: int = 0,
+        conflicts: tuple[tuple[int, str, str], ...] = (),
+        conflict_count: int | None = None,
+    ) -> EnrollManyResult:
+        self = super().__new__(cls, enrolled)
+        self.already_enrolled = already_enrolled
+        self.conflicts = conflicts
+        self.conflict_count = len(conflicts) if conflict_count is None else conflict_count
+        return self
+
+    @property
+    def enrolled(self) -> int:
+        return int(self)
+
+    @property
+    def skipped(self) -> int:
+        """Rows not enrolled, for any reason."""
+        return self.already_enrolled + self.conflict_count
+
+    def __repr__(self) -> str:
+        return (
+            f"EnrollManyResult({int(self)}, already_enrolled={self.already_enrolled}, "
+            f"conflict_count={self.conflict_count})"
+        )

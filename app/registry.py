@@ -8,8 +8,8 @@ from typing import Any
 import orjson
 from arq.connections import ArqRedis
 
-from app.campaigns import Campaign, parse_campaign
-from app.errors import CampaignNotFound
+from app.campaigns import Campaign, Limits, load_campaign, parse_campaign
+from app.errors import CampaignNotFound, CorruptRecord, InvalidRequest
 from app.keys import Keys
 from app.store import load_script
 
@@ -19,17 +19,28 @@ _CACHE_SIZE = 256
 
 
 class CampaignRegistry:
-    """Stores and loads campaign versions; versions never change, so they are cached."""
+    """Stores and loads campaign versions; versions never change, so they are cached.
 
-    def __init__(self, redis: ArqRedis, keys: Keys) -> None:
+    A version is validated once, when it is registered (with ``limits``); loading it
+    later parses its stored form without the checks that can change over time (today's
+    date, the installed ``holidays`` data, the configured limits), so it loads as it was
+    accepted.
+    """
+
+    def __init__(self, redis: ArqRedis, keys: Keys, limits: Limits | None = None) -> None:
         self.redis = redis
         self.keys = keys
+        self.limits = limits or Limits()
         self._register = redis.register_script(load_script("app", "register.lua"))
         self._cache: OrderedDict[tuple[str, int], Campaign] = OrderedDict()
 
-    async def register(self, definition: Any) -> Campaign:
-        """Validate and store a new version; returns it with ``version`` set."""
-        campaign = parse_campaign(definition)
+    async def register(self, definition: Any, limits: Limits | None = None) -> Campaign:
+        """Validate and store a new version; returns it with ``version`` set.
+
+        ``limits`` default to the registry's own. A :class:`Campaign` instance is
+        validated again from its definition.
+        """
+        campaign = parse_campaign(definition, limits or self.limits)
         body = orjson.dumps(campaign.definition())
         version = int(
             await self._register(
@@ -42,7 +53,14 @@ class CampaignRegistry:
         return stored
 
     async def get(self, campaign_id: str, version: int | None = None) -> Campaign:
-        """A version (the latest when None); raises :class:`CampaignNotFound`."""
+        """A version (the latest when None); raises :class:`CampaignNotFound`, or
+        :class:`CorruptRecord` when the stored version cannot be read."""
+        if not isinstance(campaign_id, str) or not campaign_id:
+            raise InvalidRequest("campaign_id must be a non-empty string")
+        if version is not None and (
+            isinstance(version, bool) or not isinstance(version, int) or version < 1
+        ):
+            raise InvalidRequest(f"version must be a whole number of at least 1 (got {version!r})")
         if version is not None and (campaign_id, version) in self._cache:
             self._cache.move_to_end((campaign_id, version))
             return self._cache[(campaign_id, version)]
@@ -50,14 +68,28 @@ class CampaignRegistry:
         if version is None:
             latest = await self.redis.hget(key, "latest")  # type: ignore[misc]
             if latest is None:
-                raise CampaignNotFound(f"no campaign named {campaign_id!r} is registered")
-            version = int(latest)
+                raise CampaignNotFound(f"no campaign named {campaign_id[:200]!r} is registered")
+            try:
+                version = int(latest)
+            except ValueError:
+                raise CorruptRecord(
+                    f"campaign {campaign_id!r}: stored field 'latest' is not a version number"
+                ) from None
             if (campaign_id, version) in self._cache:
                 return self._cache[(campaign_id, version)]
         raw = await self.redis.hget(key, f"v:{version}")  # type: ignore[misc]
         if raw is None:
-            raise CampaignNotFound(f"campaign {campaign_id!r} has no version {version}")
-        campaign = Campaign.model_validate({**orjson.loads(raw), "version": version})
+            raise CampaignNotFound(f"campaign {campaign_id[:200]!r} has no version {version}")
+        try:
+            doc = orjson.loads(raw)
+            if not isinstance(doc, dict):
+                raise ValueError("not a JSON object")
+            campaign = load_campaign(doc, version)
+        except ValueError as exc:  # orjson.JSONDecodeError is one
+            raise CorruptRecord(
+                f"campaign {campaign_id!r} version {version}: the stored definition cannot be "
+                f"read: {str(exc)[:300]}"
+            ) from None
         self._remember(campaign)
         return campaign
 

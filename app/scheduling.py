@@ -14,32 +14,39 @@ import traceback as tb
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Concatenate, ParamSpec, TypeVar
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
 from arq.connections import ArqRedis
 from opentelemetry import trace
+from redis.exceptions import RedisError
 
-from app.campaigns import ActionNode, Campaign, WaitNode
+from app.campaigns import ActionNode, Campaign, WaitNode, check_json, zone_problem
 from app.durations import format_duration
 from app.errors import (
     AlreadyEnrolled,
+    CampaignError,
     CampaignNotFound,
+    CorruptRecord,
+    EnrollManyError,
     EnrollmentNotFound,
     InvalidRequest,
+    InvalidRow,
 )
 from app.jobs import JobTarget, enrollment_id_for
 from app.keys import Keys
-from app.models import ACTIVE_STATES, EnrollmentStatus, State
+from app.models import ACTIVE_STATES, EnrollManyResult, EnrollmentStatus, State
 from app.planner import Plan, Planner, ms
 from app.registry import CampaignRegistry
 from app.settings import Settings
 from app.store import Applied, EnrollmentStore, Transition
+from app.tracing import enabled as tracing_enabled
 from app.tracing import producer_span
 
 __all__ = ["SchedulingService", "error_info"]
 
 _CONTACT_MAX = 256
+# What writing a batch can raise besides our own errors: redis-py's, sockets, timeouts.
+_WRITE_ERRORS = (CampaignError, RedisError, OSError, TimeoutError)
 _RACE_RETRIES = 5
 _ACTIVE = {s.value for s in ACTIVE_STATES}
 _NO_REENTRY = "; the campaign does not allow re-entry"
@@ -62,6 +69,8 @@ def _traced(
     ) -> Callable[Concatenate[SchedulingService, P], Coroutine[Any, Any, R]]:
         @functools.wraps(fn)
         async def wrapper(self: SchedulingService, /, *args: P.args, **kwargs: P.kwargs) -> R:
+            if not tracing_enabled():
+                return await fn(self, *args, **kwargs)
             first = args[0] if args else None
             attrs: dict[str, Any] = {}
             if isinstance(first, JobTarget):
@@ -141,11 +150,12 @@ class SchedulingService:
             raise InvalidRequest(
                 f"contact_id {contact_id!r} contains whitespace or control characters"
             )
+        if not _is_unicode(contact_id):
+            raise InvalidRequest("contact_id is not valid Unicode (lone surrogate)")
         if timezone is not None:
-            try:
-                ZoneInfo(timezone)
-            except (ZoneInfoNotFoundError, ValueError, TypeError):
-                raise InvalidRequest(f"timezone: unknown time zone {timezone!r}") from None
+            problem = zone_problem(timezone)
+            if problem:
+                raise InvalidRequest(f"timezone: {problem}")
         assert campaign.version is not None
         return JobTarget(
             enrollment_id_for(campaign.id, contact_id), campaign.id, campaign.version, timezone
@@ -161,7 +171,7 @@ class SchedulingService:
         now: datetime,
     ) -> Transition:
         target = dataclasses.replace(target, base_step=base_step)
-        plan = self.plan(campaign, target, campaign.entry, base_step, now, reason="enrolled")
+        plan = self._plan(campaign, target, campaign.entry, base_step, now, reason="enrolled")
         at = str(_ms(now))
         extra = {
             "base_step": str(base_step),
@@ -193,7 +203,7 @@ class SchedulingService:
         """Enroll one contact in the latest version; raises :class:`AlreadyEnrolled`."""
         campaign = await self.registry.get(campaign_id)
         target = self._target(campaign, contact_id, timezone)
-        _check_attributes(attributes)
+        _check_attributes(attributes, self.settings.max_attributes_bytes)
         base = 0
         for _ in range(_RACE_RETRIES):
             moment = now or datetime.now(UTC)
@@ -215,9 +225,7 @@ class SchedulingService:
             base = result.step or 0  # re-entry: steps keep growing so job ids stay unique
         else:
             raise AlreadyEnrolled(f"enrollment {target.enrollment_id} kept changing; try again")
-        status = await self.store.status(target.enrollment_id)
-        assert status is not None
-        return status
+        return await self.status(target.enrollment_id)
 
     @_traced("enroll_many")
     async def enroll_many(
@@ -227,47 +235,144 @@ class SchedulingService:
         *,
         batch_size: int = 1000,
         now: datetime | None = None,
-    ) -> int:
-        """Enroll many contacts, one pipelined round trip per batch; returns how many were
-        enrolled (contacts already enrolled are skipped)."""
+    ) -> EnrollManyResult:
+        """Enroll many contacts, one pipelined round trip per batch of ``batch_size``.
+
+        Returns how many were enrolled, as an :class:`~app.models.EnrollManyResult` (an
+        ``int``) that also counts the rows skipped: contacts already enrolled
+        (``already_enrolled``), and contacts whose job id is still taken by a job queued
+        from an earlier enrollment with the same id (``conflicts``, with row and reason).
+
+        A batch is written only once all its rows are valid. When it stops part-way (a bad
+        row: :class:`~app.errors.InvalidRow`, an ``InvalidRequest``; the iterable raising
+        or a Redis error: :class:`~app.errors.EnrollManyError`, the original exception as
+        ``__cause__``) the error carries ``.enrolled`` (contacts enrolled before),
+        ``.row`` (the row that stopped it; for a Redis error the first row of the batch
+        being written) and ``.processed`` (every row before it was handled; nothing from
+        there on was written, except rows of a batch that a Redis error cut short). Running
+        the same rows again is safe: contacts already enrolled are skipped.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidRequest(
+                f"batch_size must be a whole number of at least 1 (got {batch_size!r})"
+            )
         campaign = await self.registry.get(campaign_id)
-        total = 0
+        try:
+            rows = iter(contacts)
+        except TypeError:
+            raise InvalidRequest("contacts must be an iterable of dicts") from None
+        total = already = conflict_count = 0
+        conflicts: list[tuple[int, str, str]] = []
+        processed = 0  # rows before this one were written (enrolled or skipped)
         batch: list[tuple[str, JobTarget, Mapping[str, Any]]] = []
 
-        async def flush() -> int:
+        def how_far(row: int) -> str:
+            if processed == 0:
+                return f"enroll_many stopped at row {row}: nothing was enrolled"
+            return (
+                f"enroll_many stopped at row {row}: {total} enrolled from rows 0-{processed - 1}, "
+                f"nothing written from row {processed} on"
+            )
+
+        async def flush() -> None:
+            nonlocal total, already, conflict_count, processed
             moment = now or datetime.now(UTC)
             bases = [0] * len(batch)
-            if campaign.reentry:
-                rows = await self.store.records([t.enrollment_id for _, t, _ in batch], "step")
-                bases = [int(r[0]) if r[0] else 0 for r in rows]
-            items = [
-                (t.enrollment_id,
-                 self._enroll_transition(campaign, t, cid, c.get("attributes"), b, moment))
-                for (cid, t, c), b in zip(batch, bases, strict=True)
-            ]  # fmt: skip
-            results = await self.store.apply_many(items)
-            if self.on_transition is not None:
-                for (eid, tr), r in zip(items, results, strict=True):
-                    if r.ok:
-                        self.on_transition(eid, tr.history[0])
-            return sum(r.ok for r in results)
-
-        for index, contact in enumerate(contacts):
-            if not isinstance(contact, Mapping) or "contact_id" not in contact:
-                raise InvalidRequest(f"contacts[{index}]: must be a dict with a 'contact_id'")
-            cid = contact["contact_id"]
             try:
+                if campaign.reentry:
+                    steps = await self.store.records([t.enrollment_id for _, t, _ in batch], "step")
+                    bases = [
+                        _base_step(r[0], t.enrollment_id)
+                        for (_, t, _), r in zip(batch, steps, strict=True)
+                    ]
+                items = []
+                for offset, ((cid, t, c), b) in enumerate(zip(batch, bases, strict=True)):
+                    try:
+                        tr = self._enroll_transition(
+                            campaign, t, cid, c.get("attributes"), b, moment
+                        )
+                    except InvalidRequest as exc:
+                        row = processed + offset
+                        raise InvalidRow(
+                            f"contacts[{row}]: {exc}; {how_far(row)}",
+                            enrolled=total,
+                            row=row,
+                            processed=processed,
+                            reason=str(exc),
+                        ) from None
+                    items.append((t.enrollment_id, tr))
+                results = await self.store.apply_many(items)
+            except EnrollManyError:
+                raise
+            except _WRITE_ERRORS as exc:
+                last = processed + len(batch) - 1
+                reason = f"writing rows {processed}-{last} failed: {type(exc).__name__}: {exc}"
+                raise EnrollManyError(
+                    f"contacts[{processed}]: {reason}; {how_far(processed)} (rows "
+                    f"{processed}-{last} may be partly enrolled; enrolling the same rows again "
+                    "is safe)",
+                    enrolled=total,
+                    row=processed,
+                    processed=processed,
+                    reason=reason,
+                ) from exc
+            for offset, ((eid, tr), r) in enumerate(zip(items, results, strict=True)):
+                if r.ok:
+                    total += 1
+                    if self.on_transition is not None:
+                        self.on_transition(eid, tr.history[0])
+                elif r.job_conflict:
+                    conflict_count += 1
+                    if len(conflicts) < 100:
+                        reason = (
+                            f"job {r.job_conflict!r} is still queued from an earlier "
+                            "enrollment with the same id"
+                        )
+                        conflicts.append((processed + offset, batch[offset][0], reason))
+                else:
+                    already += 1
+            processed += len(batch)
+            batch.clear()
+
+        index = -1
+        while True:
+            try:
+                contact = next(rows)
+            except StopIteration:
+                break
+            except Exception as exc:
+                row = index + 1
+                reason = f"reading the contacts failed: {type(exc).__name__}: {exc}"
+                kind = InvalidRow if isinstance(exc, InvalidRequest) else EnrollManyError
+                raise kind(
+                    f"contacts[{row}]: {reason}; {how_far(row)}",
+                    enrolled=total,
+                    row=row,
+                    processed=processed,
+                    reason=reason,
+                ) from exc
+            index += 1
+            try:
+                if not isinstance(contact, Mapping) or "contact_id" not in contact:
+                    raise InvalidRequest("must be a dict with a 'contact_id'")
+                cid = contact["contact_id"]
                 target = self._target(campaign, cid, contact.get("timezone"))
-                _check_attributes(contact.get("attributes"))
+                _check_attributes(contact.get("attributes"), self.settings.max_attributes_bytes)
             except InvalidRequest as exc:
-                raise InvalidRequest(f"contacts[{index}]: {exc}") from None
+                raise InvalidRow(
+                    f"contacts[{index}]: {exc}; {how_far(index)}",
+                    enrolled=total,
+                    row=index,
+                    processed=processed,
+                    reason=str(exc),
+                ) from None
             batch.append((cid, target, contact))
             if len(batch) >= batch_size:
-                total += await flush()
-                batch = []
+                await flush()
         if batch:
-            total += await flush()
-        return total
+            await flush()
+        return EnrollManyResult(total, already_enrolled=already, conflicts=tuple(conflicts),
+                                conflict_count=conflict_count)  # fmt: skip
 
     # -- moving on (the worker's side) ---------------------------------------------------
 
@@ -458,12 +563,27 @@ class SchedulingService:
 
     # -- API-side operations ----------------------------------------------------------
 
+    def _plan(
+        self, campaign: Campaign, target: JobTarget, node_id: str | None, step: int,
+        now: datetime, *, reason: str,
+    ) -> Plan:  # fmt: skip
+        """:meth:`plan` for the client's commands: a node that cannot be scheduled (a
+        business-time span past the horizon, a date out of range) is an InvalidRequest."""
+        try:
+            return self.plan(campaign, target, node_id, step, now, reason=reason)
+        except (ValueError, OverflowError, RuntimeError) as exc:
+            raise InvalidRequest(
+                f"cannot schedule {target.enrollment_id!r} from node {node_id!r}: {exc}"
+            ) from None
+
     async def _load(self, enrollment_id: str) -> tuple[dict[str, str], Campaign, JobTarget]:
-        if not isinstance(enrollment_id, str) or not enrollment_id:
-            raise InvalidRequest("enrollment_id must be a non-empty string")
+        """The record, its campaign version and job target; a field that cannot be read is
+        a :class:`CorruptRecord` for this enrollment."""
+        _check_enrollment_id(enrollment_id)
         rec = await self.store.record(enrollment_id)
         if rec is None:
             raise EnrollmentNotFound(f"no enrollment {enrollment_id!r}")
+        _check_record(enrollment_id, rec)
         try:
             campaign = await self.campaign_for(rec["campaign"], int(rec["version"]))
         except CampaignNotFound as exc:
@@ -479,20 +599,25 @@ class SchedulingService:
         self, enrollment_id: str, event: str, payload: Mapping[str, Any] | None = None
     ) -> bool:
         """Deliver an event; False when the enrollment is not waiting for it."""
-        if not isinstance(event, str) or not event:
-            raise InvalidRequest("event must be a non-empty string")
+        limit = self.settings.max_name_length
+        if not isinstance(event, str) or not event or len(event) > limit:
+            raise InvalidRequest(f"event must be a non-empty string of at most {limit} characters")
+        if not _is_unicode(event):
+            raise InvalidRequest("event is not valid Unicode (lone surrogate)")
+        body = _check_payload(payload, self.settings.max_payload_bytes)
+        _check_enrollment_id(enrollment_id)
         for _ in range(_RACE_RETRIES):
             rec, campaign, target = await self._load(enrollment_id)
             if rec["state"] != State.WAITING:
                 return False
-            node_id = rec["node"]
+            node_id = rec.get("node") or ""
             wait = campaign.nodes.get(node_id)
             if not isinstance(wait, WaitNode) or event not in wait.events:
                 return False
             step = int(rec["step"])
             now = datetime.now(UTC)
-            plan = self.plan(campaign, target, wait.on_event, step, now, reason=f"event {event}")
-            ev = orjson.dumps({"name": event, "payload": dict(payload or {}), "at": _ms(now)})
+            plan = self._plan(campaign, target, wait.on_event, step, now, reason=f"event {event}")
+            ev = b'{"name":%b,"payload":%b,"at":%d}' % (orjson.dumps(event), body, _ms(now))
             tr = self.transition(
                 plan, target, from_state=State.WAITING, expect_states=(State.WAITING,),
                 expect_step=step, now=now, extra={"event": ev.decode()},
@@ -506,6 +631,14 @@ class SchedulingService:
 
     async def cancel(self, enrollment_id: str, reason: str = "") -> bool:
         """Cancel an active enrollment and remove its pending job; False if already ended."""
+        limit = self.settings.max_reason_length
+        if not isinstance(reason, str) or len(reason) > limit:
+            raise InvalidRequest(
+                f"reason must be a string of at most {limit} characters "
+                "(CAMPAIGN_MAX_REASON_LENGTH)"
+            )
+        if not _is_unicode(reason):
+            raise InvalidRequest("reason is not valid Unicode (lone surrogate)")
         for _ in range(_RACE_RETRIES):
             rec, _campaign, target = await self._load(enrollment_id)
             if rec["state"] not in {s.value for s in ACTIVE_STATES}:
@@ -540,22 +673,26 @@ class SchedulingService:
         if node is not None and node not in campaign.nodes:
             raise InvalidRequest(f"enrollment {enrollment_id!r} failed at unknown node {node!r}")
         now = datetime.now(UTC)
-        plan = self.plan(campaign, target, node, step, now, reason="replayed")
+        plan = self._plan(campaign, target, node, step, now, reason="replayed")
         tr = self.transition(plan, target, from_state=State.FAILED, expect_states=(State.FAILED,),
                              expect_step=step, now=now)  # fmt: skip
         tr.unset.append("error")  # the history keeps what failed
         result = await self._apply(enrollment_id, tr)
         if not result.ok:
             raise InvalidRequest(f"enrollment {enrollment_id!r} changed while replaying; try again")
-        status = await self.store.status(enrollment_id)
-        assert status is not None
-        return status
+        return await self.status(enrollment_id)
 
     async def status(self, enrollment_id: str) -> EnrollmentStatus:
-        """The enrollment and its history; raises :class:`EnrollmentNotFound`."""
-        if not isinstance(enrollment_id, str) or not enrollment_id:
-            raise InvalidRequest("enrollment_id must be a non-empty string")
-        status = await self.store.status(enrollment_id)
+        """The enrollment and its history; raises :class:`EnrollmentNotFound`, or
+        :class:`CorruptRecord` when a stored field cannot be read."""
+        _check_enrollment_id(enrollment_id)
+        try:
+            status = await self.store.status(enrollment_id)
+        except ValueError as exc:  # a history entry that is not JSON
+            raise CorruptRecord(
+                f"enrollment {enrollment_id!r}: stored field 'history' cannot be read "
+                f"({type(exc).__name__}: {str(exc)[:200]})"
+            ) from None
         if status is None:
             raise EnrollmentNotFound(f"no enrollment {enrollment_id!r}")
         return status
@@ -571,15 +708,111 @@ def error_info(exc: BaseException, *, trace_id: str | None = None) -> dict[str, 
     }
 
 
-def _check_attributes(attributes: Any) -> None:
+def _check_attributes(attributes: Any, limit: int = 65_536) -> None:
     if attributes is None:
         return
     if not isinstance(attributes, Mapping):
         raise InvalidRequest("attributes must be a dict")
+    doc = dict(attributes)
     try:
-        orjson.dumps(attributes)
-    except TypeError as exc:
+        check_json(doc, "attributes")
+    except ValueError as exc:
         raise InvalidRequest(f"attributes must be JSON-serializable: {exc}") from None
+    size = len(orjson.dumps(doc))
+    if size > limit:
+        raise InvalidRequest(
+            f"attributes: {size} bytes of JSON, more than the limit of {limit} "
+            "(CAMPAIGN_MAX_ATTRIBUTES_BYTES)"
+        )
+
+
+def _check_payload(payload: Any, limit: int) -> bytes:
+    """The payload of a signal as JSON bytes; InvalidRequest unless a JSON object."""
+    if payload is None:
+        return b"{}"
+    if not isinstance(payload, Mapping):
+        raise InvalidRequest(
+            f"payload must be a dict (a JSON object), not {type(payload).__name__}"
+        )
+    doc = dict(payload)
+    try:
+        check_json(doc, "payload")
+    except ValueError as exc:
+        raise InvalidRequest(f"payload must be JSON-serializable: {exc}") from None
+    body = orjson.dumps(doc)
+    if len(body) > limit:
+        raise InvalidRequest(
+            f"payload: {len(body)} bytes of JSON, more than the limit of {limit} "
+            "(CAMPAIGN_MAX_PAYLOAD_BYTES)"
+        )
+    return body
+
+
+#: An enrollment id is "{campaign_id}:{contact_id}": never longer than this.
+_ENROLLMENT_ID_MAX = 1024 + 1 + _CONTACT_MAX
+
+
+def _check_enrollment_id(enrollment_id: Any) -> None:
+    if not isinstance(enrollment_id, str) or not enrollment_id:
+        raise InvalidRequest("enrollment_id must be a non-empty string")
+    if len(enrollment_id) > _ENROLLMENT_ID_MAX:
+        raise InvalidRequest(
+            f"enrollment_id: {len(enrollment_id)} characters, longer than any enrollment id"
+        )
+    if not _is_unicode(enrollment_id):
+        raise InvalidRequest("enrollment_id is not valid Unicode (lone surrogate)")
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+_STATE_VALUES = frozenset(s.value for s in State)
+
+
+def _check_record(enrollment_id: str, rec: Mapping[str, str]) -> None:
+    """Raise :class:`CorruptRecord` naming the first field the commands need that cannot
+    be read."""
+
+    def bad(field: str, why: str) -> CorruptRecord:
+        shown = str(rec.get(field))[:80]
+        return CorruptRecord(
+            f"enrollment {enrollment_id!r}: stored field {field!r} {why} (got {shown!r})"
+        )
+
+    if rec.get("state") not in _STATE_VALUES:
+        raise bad("state", "is not a known state")
+    if not rec.get("campaign"):
+        raise bad("campaign", "is empty")
+    for field, required in (("version", True), ("step", True), ("attempt", False),
+                            ("base_step", False)):  # fmt: skip
+        value = rec.get(field)
+        if value is None or value == "":
+            if required:
+                raise bad(field, "is missing")
+            continue
+        if not (value.isascii() and value.isdigit() and len(value) < 16):
+            raise bad(field, "is not a whole number")
+    if int(rec["version"]) < 1:
+        raise bad("version", "is not a version number")
+    tz = rec.get("timezone")
+    if tz and zone_problem(tz):
+        raise bad("timezone", "is not a known time zone")
+
+
+def _base_step(raw: str | None, enrollment_id: str) -> int:
+    if not raw:
+        return 0
+    if not (raw.isascii() and raw.isdigit() and len(raw) < 16):
+        raise CorruptRecord(
+            f"enrollment {enrollment_id!r}: stored field 'step' is not a whole number "
+            f"(got {raw[:80]!r})"
+        )
+    return int(raw)
 
 
 def _join(notes: list[str], last: str) -> str:

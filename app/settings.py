@@ -10,6 +10,7 @@ import ipaddress
 import math
 import re
 from collections.abc import Callable
+from datetime import timedelta
 from functools import lru_cache
 from typing import Literal
 from urllib.parse import parse_qsl, unquote_plus, urlsplit
@@ -23,6 +24,9 @@ __all__ = ["ConfigError", "Settings", "get_settings"]
 class ConfigError(Exception):
     """A setting has a bad value; the message names the variable and never echoes secrets."""
 
+
+#: The highest ``CAMPAIGN_MAX_DURATION`` (10 years); run-time caps rely on it.
+MAX_DURATION_CEILING = timedelta(days=3650)
 
 #: Seconds between reconciler passes that divide a minute or an hour.
 RECONCILE_EVERY_ALLOWED: tuple[int, ...] = tuple(
@@ -172,6 +176,67 @@ class Settings(BaseSettings):
         description="Hash-tag shards of the keyspace (Redis Cluster); recorded in Redis at "
         "first start",
     )
+
+    max_attributes_bytes: int = Field(
+        default=65_536,
+        ge=2,
+        le=16_777_216,
+        description="Bytes of JSON one enrollment's attributes may take, 2 to 16777216",
+    )
+    max_payload_bytes: int = Field(
+        default=65_536,
+        ge=2,
+        le=16_777_216,
+        description="Bytes of JSON one signal's payload may take, 2 to 16777216",
+    )
+    max_definition_bytes: int = Field(
+        default=1_048_576,
+        ge=1024,
+        le=67_108_864,
+        description="Bytes of JSON one campaign definition may take, 1024 to 67108864",
+    )
+    max_nodes: int = Field(
+        default=10_000, ge=1, le=100_000, description="Nodes one campaign may have, 1 to 100000"
+    )
+    max_name_length: int = Field(
+        default=128,
+        ge=16,
+        le=1024,
+        description="Characters of a campaign id, node, event, action or outcome name, 16 to 1024",
+    )
+    max_reason_length: int = Field(
+        default=1000,
+        ge=16,
+        le=65_536,
+        description="Characters of a cancel reason, 16 to 65536",
+    )
+    max_duration: timedelta = Field(
+        default=timedelta(days=3650),
+        description="Longest delay, wait, retry delay or action timeout (ISO 8601 or seconds), "
+        "from PT1M to P3650D (10 years); a business-time delay or wait must also end within it",
+    )
+    metrics_max_campaigns: int = Field(
+        default=100,
+        ge=0,
+        le=100_000,
+        description="Campaigns that get their own campaign_enrollments series on /metrics (most "
+        'active first); the others are summed under campaign="_other"',
+    )
+
+    @field_validator("max_duration", mode="before")
+    @classmethod
+    def _duration_seconds(cls, value: object) -> object:
+        # From the environment "86400" means seconds, as in campaign definitions.
+        if isinstance(value, str) and re.fullmatch(r"\s*\d{1,12}(\.\d{1,9})?\s*", value):
+            return float(value)
+        return value
+
+    @field_validator("max_duration")
+    @classmethod
+    def _check_max_duration(cls, value: timedelta) -> timedelta:
+        if not timedelta(minutes=1) <= value <= MAX_DURATION_CEILING:
+            raise ValueError("must be from PT1M (60 seconds) to P3650D (10 years)")
+        return value
 
     @field_validator("key_prefix")
     @classmethod

@@ -339,7 +339,7 @@ def to_status(
             raise ValueError("not a JSON object")
         values: dict[str, Any] = {}
         for field, name in (("campaign", "campaign_id"), ("state", "state")):
-            if field not in rec:
+            if not rec.get(field):
                 raise ValueError("missing")
             values[name] = rec[field]
         field = "state"

@@ -17,7 +17,7 @@ import orjson
 
 from app.client import CampaignClient
 from app.connection import create_redis
-from app.errors import InvalidRequest
+from app.errors import CampaignError, CorruptRecord, EnrollManyError, InvalidRequest
 from app.keys import Keys
 from app.models import EnrollmentStatus, State
 from app.settings import Settings
@@ -48,8 +48,12 @@ async def ping_workers(settings: Settings, wait_seconds: float) -> int:
         while time.monotonic() < deadline:
             raw = await redis.get(keys.ping(token))
             if raw:
-                doc = orjson.loads(raw)
-                print(f"pong from {doc['worker_id']} in {doc['finished'] - doc['started']:.3f}s")
+                doc = _json_doc(raw)
+                try:
+                    took = f"{float(doc['finished']) - float(doc['started']):.3f}s"
+                except (KeyError, TypeError, ValueError):
+                    took = "an unknown time"
+                print(f"pong from {doc.get('worker_id', '?')} in {took}")
                 return 0
             await asyncio.sleep(0.05)
         # Leave nothing behind: a ping nobody ran must not hold its job key for days.
@@ -63,15 +67,43 @@ async def ping_workers(settings: Settings, wait_seconds: float) -> int:
         await redis.aclose()
 
 
+def _utf8(data: bytes, where: str, start: int = 0) -> str:
+    """``data`` decoded; a byte that is not UTF-8 is an InvalidRequest naming its offset
+    (``start`` is the offset of ``data`` in its file)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"{where}: not UTF-8 at byte {start + exc.start}") from None
+
+
+def _parse_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"{where}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest(f"{where}: not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer longer than Python's digit limit
+        raise InvalidRequest(f"{where}: not valid JSON: {exc}") from None
+
+
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        data = path.read_bytes()
     except FileNotFoundError:
         raise InvalidRequest(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"{path}: cannot read: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"{path}: not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise InvalidRequest(f"{path}: cannot read: {exc.strerror or exc}") from None
+    return _parse_json(_utf8(data, str(path)), str(path))
+
+
+def _json_doc(raw: bytes | str) -> dict[str, Any]:
+    """A stored JSON object, or {} when it is not one."""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 async def register(client: CampaignClient, path: Path, out: TextIO) -> int:
@@ -90,51 +122,102 @@ async def enroll(
     return 0
 
 
-def _contacts(path: Path) -> Iterator[dict[str, Any]]:
-    """Contacts from a JSON-lines file, one object per line; errors name the line."""
+def _contacts(path: Path, cursor: list[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, contact) from a JSON-lines file, one object per line; errors name the
+    line, and a byte that is not UTF-8 its offset in the file. ``cursor[0]`` is the number
+    of the line being read."""
     try:
-        handle = path.open()
+        handle = path.open("rb")
     except FileNotFoundError:
         raise InvalidRequest(f"{path}: no such file") from None
     except OSError as exc:
-        raise InvalidRequest(f"{path}: cannot read: {exc}") from None
+        raise InvalidRequest(f"{path}: cannot read: {exc.strerror or exc}") from None
+    offset = 0
     with handle:
-        for number, line in enumerate(handle, 1):
+        for number, raw in enumerate(handle, 1):
+            cursor[0] = number
+            line = _utf8(raw, f"{path}:{number}", offset)
+            offset += len(raw)
             if not line.strip():
                 continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InvalidRequest(f"{path}:{number}: not valid JSON: {exc}") from None
+            doc = _parse_json(line, f"{path}:{number}")
             if not isinstance(doc, dict):
                 raise InvalidRequest(f"{path}:{number}: expected an object with a contact_id")
-            yield doc
+            yield number, doc
 
 
 async def enroll_file(
     client: CampaignClient, campaign: str, path: Path, batch: int, out: TextIO
 ) -> int:
-    """Enroll every contact of a JSON-lines file, printing progress per batch."""
-    total = enrolled = 0
-    chunk: list[dict[str, Any]] = []
+    """Enroll every contact of a JSON-lines file, printing progress per batch.
+
+    Stops at the first bad line (or a Redis error) with one line saying where, and how
+    many contacts were enrolled before; running the same file again is safe (contacts
+    already enrolled are skipped).
+    """
+    total = enrolled = already = conflict_count = 0
+    conflicts: list[str] = []
+    chunk: list[tuple[int, dict[str, Any]]] = []
     started = time.monotonic()
 
+    def progress(where: int) -> str:
+        """Progress for an error at line ``where``: nothing of ``chunk`` was written."""
+        first = chunk[0][0] if chunk else where
+        return (
+            f"{enrolled} contacts enrolled from the lines before line {first}, none from there on"
+        )
+
     async def flush() -> None:
-        nonlocal enrolled, total
-        enrolled += await client.enroll_many(campaign, chunk, batch_size=batch)
+        nonlocal enrolled, total, already, conflict_count
+        try:
+            result = await client.enroll_many(campaign, [c for _, c in chunk], batch_size=batch)
+        except EnrollManyError as exc:
+            line = chunk[min(exc.row, len(chunk) - 1)][0]
+            enrolled += exc.enrolled
+            done = chunk[exc.processed][0] if exc.processed < len(chunk) else line
+            where = f"{path}:{line}"
+            raise CampaignError(
+                f"{where}: {exc.reason}; {enrolled} contacts enrolled from the lines before "
+                f"line {done}, none from there on"
+                + (
+                    ""
+                    if isinstance(exc, InvalidRequest)
+                    else " (except perhaps this batch; running the file again is safe)"
+                )
+            ) from None
+        enrolled += result
+        already += result.already_enrolled
+        conflict_count += result.conflict_count
+        for row, contact_id, reason in result.conflicts:
+            if len(conflicts) < 20:
+                conflicts.append(f"  skipped {path}:{chunk[row][0]} {contact_id!r}: {reason}")
         total += len(chunk)
         rate = total / max(time.monotonic() - started, 1e-9)
         print(f"  {total} read, {enrolled} enrolled ({rate:,.0f} contacts/s)", file=out, flush=True)
         chunk.clear()
 
-    for contact in _contacts(path):
-        chunk.append(contact)
+    cursor = [1]
+    contacts = _contacts(path, cursor)
+    while True:
+        try:
+            item = next(contacts, None)
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"{exc}; {progress(cursor[0])}") from None
+        if item is None:
+            break
+        chunk.append(item)
         if len(chunk) >= batch:
             await flush()
     if chunk:
         await flush()
-    skipped = total - enrolled
-    print(f"enrolled {enrolled} of {total} contacts ({skipped} already enrolled)", file=out)
+    extra = (
+        f", {conflict_count} with a job still queued from an earlier enrollment"
+        if conflict_count
+        else ""
+    )
+    print(f"enrolled {enrolled} of {total} contacts ({already} already enrolled{extra})", file=out)
+    for line in conflicts:
+        print(line, file=out)
     return 0
 
 
@@ -174,7 +257,9 @@ async def failure_groups(
         ids = await service.store.list_ids(cid, State.FAILED.value, limit=scan_limit)
         rows = await service.store.records(ids, "node", "error")
         for eid, (node, error) in zip(ids, rows, strict=True):
-            err = orjson.loads(error) if error else {}
+            err = _json_doc(error) if error else {}
+            if error and not err:
+                err = {"type": "CorruptRecord", "message": "stored field 'error' cannot be read"}
             groups[(cid, node or "-", str(err.get("type", "?")))].append((eid, err))
     for members in groups.values():
         members.sort(key=lambda m: m[1].get("at") or 0, reverse=True)
@@ -220,6 +305,8 @@ async def replay(
             done += 1
         except InvalidRequest:
             pass  # it changed meanwhile (replayed by someone else): nothing to do
+        except CorruptRecord as exc:  # that one cannot be read: say so, replay the others
+            print(f"  skipped: {exc}", file=out)
     print(f"replayed {done} of {len(members)} failed enrollments in {group}", file=out)
     return 0
 
@@ -237,15 +324,17 @@ async def dead_letters(client: CampaignClient, limit: int, out: TextIO) -> int:
         print("no dead letters", file=out)
         return 0
     for item in raw:
-        try:
-            doc = orjson.loads(item)
-        except orjson.JSONDecodeError:
+        doc = _json_doc(item)
+        if not doc:
             doc = {
                 "reason": "unreadable entry",
                 "payload": item.decode("utf-8", "backslashreplace"),
             }
-        at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(doc.get("at", 0)))
-        payload = (doc.get("payload") or "")[:100]
+        try:
+            at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(float(doc.get("at") or 0)))
+        except (TypeError, ValueError, OverflowError, OSError):
+            at = "????-??-?? ??:??:??"
+        payload = str(doc.get("payload") or "")[:100]
         print(f"{at}  {doc.get('job_id')}  {doc.get('reason')}  payload={payload!r}", file=out)
     print(f"{len(raw)} of {total} shown", file=out)
     return 0

@@ -18,6 +18,8 @@ __all__ = ["main"]
 
 EXIT_CONFIG = 2
 EXIT_ERROR = 1
+#: What a command killed by SIGPIPE exits with in a shell (128 + 13): its reader went away.
+EXIT_BROKEN_PIPE = 141
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -88,7 +90,9 @@ def _parser() -> argparse.ArgumentParser:
 def _json_object(text: str, name: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except RecursionError:
+        raise CampaignError(f"{name}: not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer past Python's digit limit
         raise CampaignError(f"{name}: not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise CampaignError(f"{name}: must be a JSON object")
@@ -102,6 +106,8 @@ async def _with_client(settings: Settings, fn: Callable[[Any], Awaitable[int]]) 
     client = CampaignClient(settings=settings)
     try:
         return await fn(client)
+    except BrokenPipeError:
+        raise  # our reader went away (``| head``): not Redis; main() exits quietly
     except REDIS_DOWN_ERRORS as exc:
         print(
             f"campaign-worker: redis unreachable at {settings.redacted_redis_url()}: {exc}",
@@ -167,7 +173,33 @@ def _admin(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script; returns the exit code."""
+    """Entry point of the console script; returns the exit code.
+
+    Output piped to a reader that stops early (``campaign-worker status X | head -1``)
+    ends the command quietly with exit code 141, as SIGPIPE would: no traceback, no
+    message.
+    """
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, not at exit, where a closed pipe prints a traceback
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
+    return code
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null so that flushing it at exit does not raise again (the
+    way the Python documentation handles SIGPIPE)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout replaced (tests) or closed
+        pass
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = Settings.load()
