@@ -1,0 +1,16 @@
+"""The README says what the code does: its settings table is generated from Settings."""
+
+from __future__ import annotations
+
+import runpy
+
+from tests.conftest import ROOT
+
+
+def test_readme_settings_table_matches_the_code() -> None:
+    generated = runpy.run_path(str(ROOT / "scripts" / "settings_table.py"))["rows"]()
+    readme = ROOT.joinpath("README.md").read_text().splitlines()
+    table = [line for line in readme if line.startswith(("| `REDIS_URL`", "| `CAMPAIGN_"))]
+    assert table == generated, (
+        "README settings table is out of date: run .venv/bin/python scripts/settings_table.py"
+    )
