@@ -7,11 +7,14 @@ from app.errors import (
     AlreadyEnrolled,
     CampaignError,
     CampaignNotFound,
+    CorruptRecord,
+    EnrollManyError,
     EnrollmentNotFound,
     InvalidCampaign,
     InvalidRequest,
+    InvalidRow,
 )
-from app.models import EnrollmentStatus, State
+from app.models import EnrollManyResult, EnrollmentStatus, State
 
 try:
     __version__ = version("campaign-scheduler")
@@ -23,9 +26,13 @@ __all__ = [
     "CampaignClient",
     "CampaignError",
     "CampaignNotFound",
+    "CorruptRecord",
+    "EnrollManyError",
+    "EnrollManyResult",
     "EnrollmentNotFound",
     "EnrollmentStatus",
     "InvalidCampaign",
     "InvalidRequest",
+    "InvalidRow",
     "State",
 ]

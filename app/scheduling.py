@@ -20,7 +20,7 @@ from arq.connections import ArqRedis
 from opentelemetry import trace
 from redis.exceptions import RedisError
 
-from app.campaigns import ActionNode, Campaign, WaitNode, check_json, zone_problem
+from app.campaigns import ActionNode, Campaign, Limits, WaitNode, check_json, zone_problem
 from app.durations import format_duration
 from app.errors import (
     AlreadyEnrolled,
@@ -96,7 +96,7 @@ class SchedulingService:
         self.redis = redis
         self.settings = settings
         self.keys = Keys(settings.key_prefix, settings.shards)
-        self.registry = CampaignRegistry(redis, self.keys)
+        self.registry = CampaignRegistry(redis, self.keys, Limits.from_settings(settings))
         self.store = EnrollmentStore(redis, self.keys, history_limit=settings.history_limit)
         self.planner = Planner(settings.max_steps)
         #: The queue name spans and logs use for campaign jobs.

@@ -132,7 +132,20 @@ async def run_step(
     # instrumentation has bound the log context.
     target = JobTarget(enrollment_id, campaign, int(version), tz, int(base))
     _annotate(target, node, step, attempt)
-    outcome = await _run_step(ctx, target, int(step), int(attempt), node, ctx.get("record") or {})
+    try:
+        outcome = await _run_step(ctx, target, int(step), int(attempt), node,
+                                  ctx.get("record") or {})  # fmt: skip
+    except Exception as exc:
+        if is_redis_error(exc):
+            raise  # the engine hands the step back; Redis may work in a moment
+        # Not Redis: the stored version or record cannot be planned from (corrupt, past the
+        # calendar's horizon, a bug). Retrying would fail the same way: fail this one.
+        log.exception("step cannot be carried out; failing its enrollment")
+        error = error_info(exc, trace_id=_trace_id())
+        result = await persist(ctx, lambda: ctx["service"].fail(
+            target, job_id=ctx["job_id"], node=node, step=int(step), attempt=int(attempt),
+            error=error))  # fmt: skip
+        return _label(result, "failed")
     if outcome == "conflict":
         await _fail_conflict(ctx, target, node, int(step), int(attempt), State.RUNNING)
     return outcome
@@ -328,8 +341,10 @@ async def fire_timeout(
                 target, job_id=job_id, node=node, step=int(step)))  # fmt: skip
             if result.job_conflict:
                 await _fail_conflict(ctx, target, node, int(step), None, State.WAITING)
-        except CampaignNotFound as exc:
-            log.error("timeout for a campaign version or node that no longer exists")
+        except Exception as exc:
+            if is_redis_error(exc):
+                raise
+            log.exception("timeout cannot be carried out; failing its enrollment")
             missing = error_info(exc)
             failed = await persist(ctx, lambda: service.fail(
                 target, job_id=job_id, node=node, step=int(step), attempt=None,

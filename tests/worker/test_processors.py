@@ -598,3 +598,17 @@ async def test_a_taken_next_job_id_fails_the_enrollment_by_name(
     _, text = await worker.get("/metrics")
     assert "campaign_job_conflicts_total 1.0" in text
     assert 'campaign_jobs_total{function="run_step",outcome="conflict"} 1.0' in text
+
+
+async def test_a_corrupt_stored_version_fails_the_step_by_name(
+    client: CampaignClient, worker: WorkerProcess
+) -> None:
+    await client.register_campaign(campaign("corrupt", {
+        "first": {"type": "action", "action": "log", "next": "done"}}))  # fmt: skip
+    st = await client.service.enroll("corrupt", "a", now=datetime.now(UTC) + timedelta(hours=1))
+    await client.redis.hset(client.service.keys.campaign("corrupt"), "v:1", b"{broken")
+    shard = client.service.keys.for_enrollment(st.enrollment_id)
+    await client.redis.zadd(shard.queue, {f"step:{st.enrollment_id}:1:1": 0})  # due now
+    failed = await wait_state(client, st.enrollment_id, State.FAILED)
+    assert failed.error is not None and failed.error.type == "CorruptRecord"
+    assert "step cannot be carried out; failing its enrollment" in worker.messages()
