@@ -35,6 +35,7 @@ from worker.metrics import metrics
 
 POLL = 0.01
 MAX_JOBS = 50
+CONF = Path(__file__).resolve().parents[1] / "deploy" / "redis" / "redis.conf"
 TICK = 0.05
 
 arq_lateness: list[float] = []
@@ -95,7 +96,9 @@ async def campaign_steps(url: str, rate: int, seconds: float) -> list[float]:
             "wait": {"type": "delay", "duration": 1.0, "next": "a"},
             "a": {"type": "action", "action": "noop", "next": None}}})  # fmt: skip
         stop = asyncio.Event()
-        task = asyncio.create_task(serve(settings, actions, install_signal_handlers=False, stop=stop))
+        task = asyncio.create_task(
+            serve(settings, actions, install_signal_handlers=False, stop=stop)
+        )
 
         async def submit(i: int, n: int) -> None:
             await client.enroll_many("late", [{"contact_id": f"c{i}:{k}"} for k in range(n)])
@@ -126,9 +129,8 @@ async def main() -> None:
         "plain arq deferred job": [],
         "campaign step after a delay": [],
     }
-    conf = Path(__file__).resolve().parents[1] / "deploy" / "redis" / "redis.conf"
     for _ in range(args.repeats):
-        with EmbeddedRedis(config=conf) as redis:  # the same server for both, flushed between
+        with EmbeddedRedis(config=CONF) as redis:  # the same server for both, flushed between
             s = await plain_arq(redis.url, args.rate, args.seconds)
             rows["plain arq deferred job"].append((pct(s, 0.5), pct(s, 0.99), max(s) * 1000))
             flusher = create_redis(Settings(redis_url=redis.url))  # type: ignore[arg-type]

@@ -81,7 +81,9 @@ async def plain_arq(url: str, n: int) -> float:
 async def campaign_steps(url: str, n: int, client_url: str | None = None) -> float:
     """Steps/s; the worker talks to ``url`` (maybe a proxy), the client to ``client_url``."""
     settings = Settings(redis_url=url, poll_delay=POLL, max_jobs=MAX_JOBS, http_port=0)  # type: ignore[arg-type]
-    client_settings = settings.model_copy(update={"redis_url": Settings(redis_url=client_url or url).redis_url})  # type: ignore[arg-type]
+    client_settings = settings.model_copy(
+        update={"redis_url": Settings(redis_url=client_url or url).redis_url}
+    )  # type: ignore[arg-type]
     actions = default_registry()
     actions.register("noop", noop_action)
     async with CampaignClient(settings=client_settings) as client:
@@ -90,7 +92,9 @@ async def campaign_steps(url: str, n: int, client_url: str | None = None) -> flo
         await client.enroll_many("bench", ({"contact_id": f"c{i}"} for i in range(n)))
         stop = asyncio.Event()
         started = time.perf_counter()
-        task = asyncio.create_task(serve(settings, actions, install_signal_handlers=False, stop=stop))
+        task = asyncio.create_task(
+            serve(settings, actions, install_signal_handlers=False, stop=stop)
+        )
         while (await client.service.store.count_by_state("bench"))["completed"] < n:
             await asyncio.sleep(0.01)
         elapsed = time.perf_counter() - started
