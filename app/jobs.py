@@ -168,6 +168,9 @@ def _number(value: Any) -> bool:
 
 
 def _whole(value: Any, what: str) -> int:
+    # 1.0 counts as 1, as it does for the claim script's own check (Lua has one number type)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _MAX_INT:
         raise MalformedJob(f"{what}: expected a whole number")
     return value

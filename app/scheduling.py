@@ -492,11 +492,13 @@ class SchedulingService:
         )  # fmt: skip
         return await self._apply(target.enrollment_id, tr)
 
-    async def release_timeout(self, target: JobTarget, *, job_id: str, step: int) -> Applied:
-        """Hand a wait's timeout job back to the queue (the worker is shutting down)."""
+    async def release_timeout(
+        self, target: JobTarget, *, job_id: str, step: int, delay_ms: int = 0
+    ) -> Applied:
+        """Hand a wait's timeout job back to the queue, due after ``delay_ms``."""
         tr = Transition(
             campaign_id=target.campaign_id, expect_states=(State.WAITING,), expect_step=step,
-            expect_job=job_id, requeue_ms=_ms(datetime.now(UTC)),
+            expect_job=job_id, requeue_ms=_ms(datetime.now(UTC)) + delay_ms,
         )  # fmt: skip
         return await self.store.apply(target.enrollment_id, tr)
 
@@ -517,6 +519,26 @@ class SchedulingService:
         tr = self.transition(plan, target, from_state=State.WAITING, expect_states=(State.WAITING,),
                              expect_step=step, expect_job=job_id, now=now)  # fmt: skip
         return await self._apply(target.enrollment_id, tr)
+
+    async def fail_corrupt(
+        self, enrollment_id: str, rec: Mapping[str, str], reason: str
+    ) -> Applied:
+        """Fail an active enrollment whose record cannot be planned from (a field missing or
+        unreadable) with ``CorruptRecord``, retiring whatever job it had."""
+        state = rec.get("state") or ""
+        at = _ms(datetime.now(UTC))
+        error = {"type": "CorruptRecord", "message": f"enrollment {enrollment_id!r}: {reason}",
+                 "at": at}  # fmt: skip
+        entry = {"at": at, "from": state, "to": State.FAILED.value, "node": rec.get("node") or None,
+                 "step": 0, "attempt": None, "reason": f"CorruptRecord: {reason}"[:500]}  # fmt: skip
+        tr = Transition(
+            campaign_id=enrollment_id.partition(":")[0], expect_states=(state,),
+            expect_job=rec.get("job") or None, repair=True,
+            set={"state": State.FAILED.value, "campaign": enrollment_id.partition(":")[0],
+                 "updated_at": str(at), "error": orjson.dumps(error).decode()},
+            unset=["job"], history=[entry],
+        )  # fmt: skip
+        return await self._apply(enrollment_id, tr)
 
     async def repair(self, enrollment_id: str, rec: Mapping[str, str]) -> Applied | None:
         """Re-create the job of an active enrollment that has none (the reconciler).

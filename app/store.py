@@ -111,10 +111,15 @@ class ScriptBatcher:
             await self.redis.script_load(self.script.script)
             self._loaded = True
         results = await self._pipeline(calls)
-        if any(isinstance(r, NoScriptError) for r in results):
-            # The script cache was emptied (restarted server): a NOSCRIPT call ran nothing.
+        again = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if again:
+            # The script cache was emptied (a restart, SCRIPT FLUSH) part-way: a NOSCRIPT call
+            # ran nothing, the others ran and must not run twice. Re-send only those.
             await self.redis.script_load(self.script.script)
-            results = await self._pipeline(calls)
+            for i, result in zip(
+                again, await self._pipeline([calls[i] for i in again]), strict=True
+            ):
+                results[i] = result
         return results
 
     async def _pipeline(self, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
@@ -151,6 +156,8 @@ class Transition:
     requeue_ms: int | None = None
     #: Apply only if the current job is neither queued nor leased (the reconciler's repair).
     orphan: bool = False
+    #: May write a record whose campaign field is missing (failing a corrupt record).
+    repair: bool = False
 
     @property
     def new_state(self) -> str | None:
@@ -216,6 +223,7 @@ class EnrollmentStore:
             "add_job": job,
             "requeue": tr.requeue_ms,
             "orphan": tr.orphan,
+            "repair": tr.repair,
         }
         shard = self.keys.for_enrollment(enrollment_id)
         keys = [

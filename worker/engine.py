@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from app.jobs import STEP_FUNCTION, TIMEOUT_FUNCTION
+from app.jobs import STEP_FUNCTION, TIMEOUT_FUNCTION, JobTarget
 from app.keys import Keys
 from app.scheduling import SchedulingService
 from app.settings import Settings
@@ -71,6 +71,10 @@ class StepEngine:
         # in turn (about +30 % steps/s in bench/steps.py).
         self._claim_chunk = max(1, (settings.max_jobs + 2) // 3)
         self._overrun: set[str] = set()
+        self._superseded: set[asyncio.Task[None]] = set()
+        self._renewer: asyncio.Task[None] | None = None
+        #: monotonic time until which the leases of running jobs are known to hold
+        self.leases_hold_until = time.monotonic() + settings.lease
         self.jobs_started = 0
 
     @property
@@ -81,8 +85,9 @@ class StepEngine:
     # -- the loops ------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Claim and start jobs until :meth:`drain`; returns only then."""
-        renewer = asyncio.create_task(self._renew_forever())
+        """Claim and start jobs until :meth:`drain`; returns only then. Lease renewal goes
+        on until :meth:`drain` has let the running jobs finish."""
+        self._renewer = asyncio.create_task(self._renew_forever())
         try:
             while not self._stop.is_set():
                 free = self.settings.max_jobs - len(self.running)
@@ -107,9 +112,15 @@ class StepEngine:
                 if delay > 0:
                     await self._wait(self._stop, delay)
         finally:
-            renewer.cancel()
+            if not self.draining:  # ended by a bug, not a drain: nothing left to renew for
+                await self._stop_renewing()
+
+    async def _stop_renewing(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await renewer
+                await self._renewer
+            self._renewer = None
 
     async def _claim_round(self, free: int) -> tuple[int, int | None]:
         """Claim from every shard in turn while slots are free; (entries taken, next due)."""
@@ -117,11 +128,19 @@ class StepEngine:
         for _ in range(self.keys.shards):
             batch = await self.queue.claim(min(free - taken, self._claim_chunk))
             taken += len(batch.claims) + len(batch.stale) + len(batch.dead)
+            taken += len(batch.corrupt) + len(batch.rejected)
             if batch.next_ms is not None:
                 next_ms = batch.next_ms if next_ms is None else min(next_ms, batch.next_ms)
             for job_id, reason in batch.dead:
                 metrics.poison_jobs.labels(reason="malformed").inc()
                 log.error("malformed job dead-lettered", extra={"job_id": job_id, "reason": reason})
+            for job_id, reason in batch.corrupt:
+                metrics.poison_jobs.labels(reason="corrupt_record").inc()
+                log.error("enrollment record is corrupt: enrollment failed (CorruptRecord)",
+                          extra={"job_id": job_id, "reason": reason})  # fmt: skip
+            for job_id, eid, record, reason in batch.rejected:
+                metrics.poison_jobs.labels(reason="malformed").inc()
+                await self._fail_rejected(job_id, eid, record, reason)
             for job_id in batch.stale:
                 function = STEP_FUNCTION if job_id.startswith("step:") else TIMEOUT_FUNCTION
                 metrics.jobs.labels(function=function, outcome="stale").inc()
@@ -146,9 +165,12 @@ class StepEngine:
             if now < next_renewal:
                 continue
             next_renewal = now + every
-            held = [(claim.shard, job_id) for job_id, (_t, claim) in self.running.items()]
+            held = [(claim.shard, job_id) for job_id, (_t, claim) in self.running.items()
+                    if job_id not in self._overrun]  # fmt: skip
             try:
-                await self.queue.renew(held)
+                async with asyncio.timeout(every):  # a hung call must not stall the watchdog
+                    await self.queue.renew(held)
+                self.leases_hold_until = now + self.settings.lease
             except Exception as exc:  # the next renewal may work; the lease has slack
                 log.warning("lease renewal failed", extra={"error": repr(exc), "jobs": len(held)})
 
@@ -203,18 +225,48 @@ class StepEngine:
             "record": claim.record,
             "rerun": claim.code == ClaimCode.RERUN,
             "deadline": time.monotonic() + self.settings.job_timeout,
+            "leases_hold_until": lambda: self.leases_hold_until,
         }
+        previous = self.running.get(claim.job_id)
+        if previous is not None:
+            # Our own lease on it lapsed (renewals failed for a whole lease) and we claimed it
+            # again as the next attempt: the old run can no longer record anything; stop it.
+            self._superseded.add(previous[0])
+            previous[0].cancel()
         task = asyncio.create_task(self._run_job(claim, ctx))
         self.running[claim.job_id] = (task, claim)
         self._deadlines[claim.job_id] = ctx["deadline"]
+        self._overrun.discard(claim.job_id)
         self.jobs_started += 1
         task.add_done_callback(functools.partial(self._finished, claim.job_id))
 
-    def _finished(self, job_id: str, _task: asyncio.Task[None]) -> None:
-        self.running.pop(job_id, None)
-        self._deadlines.pop(job_id, None)
-        self._overrun.discard(job_id)
+    def _finished(self, job_id: str, task: asyncio.Task[None]) -> None:
+        self._superseded.discard(task)
+        current = self.running.get(job_id)
+        if current is not None and current[0] is task:
+            del self.running[job_id]
+            self._deadlines.pop(job_id, None)
+            self._overrun.discard(job_id)
         self._slot.set()
+
+    async def _fail_rejected(
+        self, job_id: str, eid: str, record: dict[str, str], reason: str
+    ) -> None:
+        """The claim started a job whose payload we cannot use: fail its one enrollment."""
+        log.error(
+            "malformed job: its enrollment is failed", extra={"job_id": job_id, "reason": reason}
+        )
+        try:
+            target = JobTarget(eid, eid.partition(":")[0], int(record.get("version") or 0),
+                               record.get("timezone") or None)  # fmt: skip
+            await self.service.fail(
+                target, job_id=job_id, node=record.get("node") or None,
+                step=int(record.get("step") or 0), attempt=int(record.get("attempt") or 1),
+                error={"type": "MalformedJob", "message": f"job {job_id}: {reason}"},
+            )  # fmt: skip
+        except Exception as exc:  # the reconciler will find it running with no job
+            log.warning("could not fail the enrollment of a malformed job",
+                        extra={"job_id": job_id, "error": repr(exc)})  # fmt: skip
 
     def _log_claim(self, claim: Claim) -> None:
         """The claim's transition (made inside the claim script), logged and counted."""
@@ -248,6 +300,11 @@ class StepEngine:
         try:
             await fn(ctx, *args, **kwargs)
         except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task in self._superseded:
+                log.warning("job claimed again after its lease lapsed: the old run stops",
+                            extra={"job_id": claim.job_id})  # fmt: skip
+                return
             if claim.job_id in self._overrun and not self.draining:
                 # Cut off by the watchdog. Not handed back: that would re-run it as the same
                 # attempt, forever if it always overruns. Its lease lapses instead, and the
@@ -262,9 +319,14 @@ class StepEngine:
                     self._hand_back(claim, "worker shutting down: step handed back", 0)
                 )
             raise
-        except Exception:
-            log.exception("job bookkeeping failed; handing it back", extra={"job_id": claim.job_id})
-            await self._hand_back(claim, "bookkeeping failed: step handed back", HAND_BACK_DELAY_MS)
+        except Exception as exc:
+            # The processors fail an enrollment for anything but a Redis fault themselves,
+            # so this is Redis refusing the outcome write (or a bug): hand the step back.
+            log.exception("could not record the job's outcome; handing it back",
+                          extra={"job_id": claim.job_id, "redis": is_redis_error(exc)})  # fmt: skip
+            await self._hand_back(
+                claim, "outcome not recorded: step handed back", HAND_BACK_DELAY_MS
+            )
 
     async def _hand_back(self, claim: Claim, reason: str, delay_ms: int) -> None:
         """Put a job back in the queue as the same attempt; if Redis will not take it, its
@@ -272,7 +334,8 @@ class StepEngine:
         p = claim.payload
         try:
             if p.function == TIMEOUT_FUNCTION:
-                await self.service.release_timeout(p.target, job_id=claim.job_id, step=p.step)
+                await self.service.release_timeout(p.target, job_id=claim.job_id, step=p.step,
+                                                   delay_ms=delay_ms)  # fmt: skip
             else:
                 attempt = int(claim.record.get("attempt") or p.attempt or 1)
                 await self.service.release(p.target, job_id=claim.job_id, node=p.node, step=p.step,
@@ -296,6 +359,7 @@ class StepEngine:
                 for task in pending:
                     task.cancel()
                 await asyncio.wait(pending, timeout=10)
+        await self._stop_renewing()
 
     def stop(self) -> None:
         """Stop claiming (without waiting)."""

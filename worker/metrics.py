@@ -58,9 +58,9 @@ class Metrics:
         )
         self.poison_jobs = Counter(
             "campaign_poison_jobs_total",
-            "Jobs dead-lettered without running, by reason (malformed: a queue entry or "
-            "payload of the wrong shape; undecodable: arq could not decode one of its own "
-            "jobs; unknown_function, expired, too_many_tries: arq's own jobs)",
+            "Campaign jobs dropped without running, by reason (malformed: a queue entry or "
+            "payload of the wrong shape, dead-lettered; corrupt_record: its enrollment's "
+            "record was unreadable, so the enrollment was failed with CorruptRecord)",
             ["reason"],
             registry=registry,
         )
@@ -71,9 +71,9 @@ class Metrics:
         )
         self.reconciled = Counter(
             "campaign_reconciled_total",
-            "Active enrollments found without a job and repaired by the reconciler, by the "
-            "state they were found in",
-            ["state"],
+            "Active enrollments the reconciler found without a job, by the state they were "
+            "found in and what it did (recreated: the job; failed: a corrupt record)",
+            ["state", "action"],
             registry=registry,
         )
         self.action_calls = Counter(
@@ -152,14 +152,7 @@ class Metrics:
         )
 
 
-POISON_REASONS = (
-    "malformed",
-    "undecodable",
-    "unknown_function",
-    "expired",
-    "too_many_tries",
-    "other",
-)
+POISON_REASONS = ("malformed", "corrupt_record")
 JOB_OUTCOMES = (
     "success", "retry", "failed", "stale", "rescheduled", "conflict", "error", "cancelled",
 )  # fmt: skip
@@ -184,7 +177,8 @@ def prime(m: Metrics, functions: list[str], actions: list[str], states: list[str
     for state in states:
         m.transitions.labels(to_state=state)
     for state in RECONCILED_STATES:
-        m.reconciled.labels(state=state)
+        for action in ("recreated", "failed"):
+            m.reconciled.labels(state=state, action=action)
 
 
 metrics = Metrics(REGISTRY)

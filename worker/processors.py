@@ -70,18 +70,22 @@ def _call_timeout(node: ActionNode, settings: Settings) -> float:
 
 
 async def persist(ctx: dict[str, Any], write: Callable[[], Awaitable[Applied]]) -> Applied:
-    """Run a finishing write, retrying through Redis errors until the job's deadline.
+    """Run a finishing write, retrying through Redis errors while the step is still ours.
 
-    Once an action has run, its outcome must be recorded rather than the step re-run: the
-    lease is still renewed meanwhile, so no other worker takes the step over.
+    Once an action has run, its outcome should be recorded rather than the step re-run. The
+    retries stop at the job's deadline, and once the lease may have lapsed (renewals are
+    writes too, and fail in the same outage): then another worker may take the step over
+    as the next attempt, so this one gives up (the error is raised).
     """
     deadline: float = ctx.get("deadline", time.monotonic() + 5.0)
+    lease_until = ctx.get("leases_hold_until")
     pause = 0.05
     while True:
         try:
             return await write()
         except Exception as exc:
-            if not is_redis_error(exc) or time.monotonic() + pause >= deadline:
+            limit = deadline if lease_until is None else min(deadline, lease_until() - 1.0)
+            if not is_redis_error(exc) or time.monotonic() + pause >= limit:
                 raise
             log.warning("recording the outcome failed; retrying", extra={"error": repr(exc)})
             await asyncio.sleep(pause)

@@ -18,6 +18,7 @@ from app.models import State
 from app.scheduling import SchedulingService
 from app.settings import Settings
 from worker.metrics import metrics
+from worker.redis_errors import is_redis_error
 
 __all__ = ["SLICE", "reconcile", "reconcile_cron"]
 
@@ -61,10 +62,7 @@ async def _check_slice(service: SchedulingService, ids: list[str]) -> dict[str, 
         for eid in ids:
             pipe.hmget(service.keys.enrollment(eid), list(_FIELDS))
         rows = await pipe.execute()
-    records = [
-        (eid, {f: v.decode() for f, v in zip(_FIELDS, row, strict=True) if v is not None})
-        for eid, row in zip(ids, rows, strict=True)
-    ]
+    records = [(eid, _decode(row)) for eid, row in zip(ids, rows, strict=True)]
     active = [(eid, rec) for eid, rec in records if rec.get("state") in _STATES]
     async with service.redis.pipeline(transaction=False) as pipe:
         for eid, rec in active:
@@ -77,18 +75,45 @@ async def _check_slice(service: SchedulingService, ids: list[str]) -> dict[str, 
     for i, (eid, rec) in enumerate(active):
         if rec.get("job") and (scores[2 * i] is not None or scores[2 * i + 1] is not None):
             continue
-        result = await service.repair(eid, rec)
-        if result is not None and result.ok:
-            state = rec["state"]
-            out[state] += 1
-            metrics.reconciled.labels(state=state).inc()
-            log.warning("enrollment had no job: re-created",
-                        extra={"enrollment_id": eid, "state": state, "job_id": rec.get("job")})  # fmt: skip
-        elif result is not None and result.job_conflict:
-            metrics.job_conflicts.inc()
-            log.error("reconciler: job id conflict", extra={"enrollment_id": eid,
-                                                           "job": result.job_conflict})  # fmt: skip
+        try:
+            if await _repair_one(service, eid, rec):
+                out[rec["state"]] += 1
+        except Exception as exc:  # one enrollment never stops the pass
+            if is_redis_error(exc):
+                raise
+            log.exception("reconciler could not repair an enrollment", extra={"enrollment_id": eid})
     return out
+
+
+def _decode(row: list[bytes | None]) -> dict[str, str]:
+    return {f: v.decode("utf-8", "replace") for f, v in zip(_FIELDS, row, strict=True) if v}
+
+
+async def _repair_one(service: SchedulingService, eid: str, rec: dict[str, str]) -> bool:
+    """Re-create the missing job, or fail a record too corrupt to plan from; True if done."""
+    state = rec["state"]
+    try:
+        result = await service.repair(eid, rec)
+    except (ValueError, OverflowError) as exc:  # a field that does not parse
+        result, problem = None, str(exc)
+    else:
+        problem = "fields needed to re-create its job are missing"
+    if result is None:
+        failed = await service.fail_corrupt(eid, rec, f"{state} with no job; {problem}")
+        if failed.ok:
+            metrics.reconciled.labels(state=state, action="failed").inc()
+            log.error("enrollment had no job and a corrupt record: failed (CorruptRecord)",
+                      extra={"enrollment_id": eid, "state": state})  # fmt: skip
+        return failed.ok
+    if result.job_conflict:
+        metrics.job_conflicts.inc()
+        log.error("reconciler: job id conflict", extra={"enrollment_id": eid,
+                                                       "job": result.job_conflict})  # fmt: skip
+    if result.ok:
+        metrics.reconciled.labels(state=state, action="recreated").inc()
+        log.warning("enrollment had no job: re-created",
+                    extra={"enrollment_id": eid, "state": state, "job_id": rec.get("job")})  # fmt: skip
+    return result.ok
 
 
 def reconcile_cron(settings: Settings) -> CronJob:

@@ -30,6 +30,7 @@ DEAD_LETTERS_KEPT = 1000
 class ClaimCode(IntEnum):
     """What the claim script did with one queue entry."""
 
+    CORRUPT = -2
     DEAD = -1
     STALE = 0
     STARTED = 1
@@ -57,6 +58,12 @@ class ClaimBatch:
     stale: list[str] = field(default_factory=list)
     #: (job id, reason) of entries dead-lettered, by the script or while parsing here.
     dead: list[tuple[str, str]] = field(default_factory=list)
+    #: (job id, reason) of jobs whose enrollment record was corrupt: the script failed the
+    #: enrollment with ``CorruptRecord``.
+    corrupt: list[tuple[str, str]] = field(default_factory=list)
+    #: Jobs the script started but whose payload or record Python could not use: their
+    #: enrollments must be failed by name (the engine does it). (job id, eid, record, reason)
+    rejected: list[tuple[str, str, dict[str, str], str]] = field(default_factory=list)
     #: Earliest due time or lease expiry left in the shard (epoch ms), if any.
     next_ms: int | None = None
 
@@ -94,16 +101,19 @@ class StepQueue:
             if code == ClaimCode.DEAD:
                 batch.dead.append((_text(entry[1]), _text(entry[3])))
                 continue
-            try:
-                job_id = entry[1].decode()
-                payload = JobPayload.parse(job_id, entry[3])
-                record = _pairs(entry[4:])
-            except (UnicodeDecodeError, MalformedJob) as exc:
-                reason = str(exc) if isinstance(exc, MalformedJob) else "not UTF-8"
-                buried.append((entry[1], reason, entry[3]))
-                batch.dead.append((_text(entry[1]), reason))
+            if code == ClaimCode.CORRUPT:
+                batch.corrupt.append((_text(entry[1]), _text(entry[3])))
                 continue
-            score = int(float(entry[2]))
+            job_id, eid, record = _text(entry[1]), _text(entry[4]), _pairs(entry[5:])
+            try:
+                payload = JobPayload.parse(job_id, entry[3])
+                score = int(float(entry[2]))
+            except (MalformedJob, ValueError) as exc:
+                # The script's check let it through; ours did not. Its enrollment is
+                # running now, so it is failed by name rather than left without a job.
+                buried.append((entry[1], str(exc), entry[3]))
+                batch.rejected.append((job_id, eid, record, str(exc)))
+                continue
             batch.claims.append(Claim(code, job_id, score, payload, record, shard))
         if buried:
             await self.bury(shard, buried)
@@ -145,5 +155,5 @@ def _text(value: Any) -> str:
 
 
 def _pairs(flat: Sequence[Any]) -> dict[str, str]:
-    items = [v.decode() if isinstance(v, bytes) else str(v) for v in flat]
+    items = [_text(v) for v in flat]
     return dict(zip(items[::2], items[1::2], strict=True))

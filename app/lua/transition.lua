@@ -41,7 +41,10 @@ if op.create then
   end
 else
   if not state then return {-1} end
-  if campaign ~= op.campaign then return {0, state, tonumber(step)} end
+  -- (a record without its campaign field is corrupt; only a repair may write to it)
+  if campaign ~= op.campaign and not (op.repair and not campaign) then
+    return {0, state, tonumber(step)}
+  end
   local ok = false
   for _, s in ipairs(op.expect.states) do
     if s == state then ok = true end
@@ -63,6 +66,11 @@ if given(job) and job.id ~= current_job and redis.call('HEXISTS', jobs, job.id) 
   return {-2, job.id}
 end
 
+local new_state = op.set.state or state
+if state ~= new_state and ((state and not index[state]) or not index[new_state]) then
+  return redis.error_reply('transition: no index key passed for state ' .. (state or '') .. '/' .. tostring(new_state))
+end
+
 -- All checks passed: write.
 if given(op.requeue) then
   if current_job and redis.call('HEXISTS', jobs, current_job) == 1 then
@@ -79,7 +87,6 @@ if given(job) then
   redis.call('ZADD', queue, job.score, job.id)
 end
 
-local new_state = op.set.state or state
 if op.unset and #op.unset > 0 then
   redis.call('HDEL', enr, unpack(op.unset))
 end
@@ -91,9 +98,6 @@ end
 if #flat > 0 then redis.call('HSET', enr, unpack(flat)) end
 
 if state ~= new_state then
-  if (state and not index[state]) or not index[new_state] then
-    return redis.error_reply('transition: no index key passed for state ' .. (state or '') .. '/' .. new_state)
-  end
   if state then redis.call('SREM', index[state], op.id) end
   redis.call('SADD', index[new_state], op.id)
 end

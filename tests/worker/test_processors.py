@@ -354,7 +354,7 @@ async def test_a_lost_job_is_recreated_by_the_reconciler(
         _, text = await proc.get("/metrics")
     finally:
         assert proc.stop() == 0
-    assert 'campaign_reconciled_total{state="waiting"} 2.0' in text
+    assert 'campaign_reconciled_total{action="recreated",state="waiting"} 2.0' in text
     for eid in (waiting, scheduled):
         st = await client.status(eid)
         assert any("reconciler: waiting with no job" in r for r in reasons(st))

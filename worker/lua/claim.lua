@@ -11,8 +11,9 @@
 -- ARGV[1] max jobs  ARGV[2] now (ms)  ARGV[3] lease expiry (ms)  ARGV[4] history limit
 -- ARGV[5] dead letters kept
 -- Returns {next_ms, entry...}: next_ms is the earliest due time or lease expiry left (-1:
--- none); each entry is {code, job_id, score, payload_or_reason, record fields...} with
--- code 1 started, 2 re-run after an expired lease, 0 stale (dropped), -1 dead-lettered.
+-- none); each entry is {code, job_id, score, payload_or_reason, eid, record fields...} with
+-- code 1 started, 2 re-run after an expired lease, 0 stale (dropped), -1 dead-lettered,
+-- -2 its enrollment's record is corrupt and was failed ({-2, job_id, score, reason, eid}).
 local queue, leases, jobs, dead, base = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local limit, now, expiry = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local hist_limit, dead_keep = tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -68,7 +69,12 @@ local function check(id, payload)
     return 'k: node and tz must be strings'
   end
   if d.k.base ~= nil and not whole(d.k.base) then return 'k: base must be a step number' end
-  if d.k.otel ~= nil and type(d.k.otel) ~= 'table' then return 'k: otel must be an object' end
+  if d.k.otel ~= nil and d.k.otel ~= cjson.null then
+    if type(d.k.otel) ~= 'table' or d.k.otel[1] ~= nil then return 'k: otel must be an object of strings' end
+    for _, v in pairs(d.k.otel) do
+      if type(v) ~= 'string' then return 'k: otel must be an object of strings' end
+    end
+  end
   if d.t ~= nil and d.t ~= cjson.null and not whole(d.t) then return 't: not a try number' end
   if d.et ~= nil and d.et ~= cjson.null and type(d.et) ~= 'number' then
     return 'et: not a time in ms'
@@ -101,6 +107,32 @@ local function stale(id, score)
   out[#out + 1] = {0, id, score, ''}
 end
 
+local STATES = {scheduled = true, running = true, waiting = true, completed = true,
+                failed = true, cancelled = true}
+
+-- The record cannot be trusted (a field missing or of the wrong type): fail this one
+-- enrollment with a named error, written here because no transition can check it.
+local function fail_corrupt(id, score, eid, campaign, state, step, reason)
+  local enr = base .. 'enr:' .. eid
+  redis.call('ZREM', leases, id)
+  redis.call('HDEL', jobs, id)
+  redis.call('HDEL', enr, 'job')
+  redis.call('HSET', enr, 'state', 'failed', 'campaign', campaign, 'updated_at', now,
+    'error', cjson.encode({type = 'CorruptRecord', message = reason, at = now}))
+  for s in pairs(STATES) do redis.call('SREM', base .. 'idx:' .. campaign .. ':' .. s, eid) end
+  redis.call('SADD', base .. 'idx:' .. campaign .. ':failed', eid)
+  local hist = base .. 'hist:' .. eid
+  redis.call('RPUSH', hist, cjson.encode({at = now, from = STATES[state] and state or cjson.null,
+    to = 'failed', node = cjson.null, step = tonumber(step) or 0, reason = 'CorruptRecord: ' .. reason}))
+  redis.call('LTRIM', hist, -hist_limit, -1)
+  out[#out + 1] = {-2, id, score, reason, eid}
+end
+
+local function integral(v)
+  local n = tonumber(v)
+  return n ~= nil and n == math.floor(n) and n >= 0 and n < 9007199254740992
+end
+
 local function start(id, score, rerun)
   local payload = redis.call('HGET', jobs, id)
   if not payload then
@@ -118,6 +150,20 @@ local function start(id, score, rerun)
   local state, step, attempt, job, campaign, node = rec[1], rec[2], rec[3], rec[4], rec[5], rec[6]
   if job ~= id then
     stale(id, score)
+    return
+  end
+  -- Every field this script uses is checked before anything is written.
+  local bad
+  if not STATES[state] then bad = 'state: not an enrollment state'
+  elseif not integral(step) then bad = 'step: not a step number'
+  elseif campaign ~= d.k.campaign then bad = 'campaign: does not match the job'
+  elseif d.f == 'run_step' and not (integral(attempt) and tonumber(attempt) >= 1) then
+    bad = 'attempt: not an attempt number'
+  elseif not utf8_ok(table.concat(redis.call('HVALS', enr), '')) then
+    bad = 'a field is not UTF-8'
+  end
+  if bad then
+    fail_corrupt(id, score, eid, d.k.campaign, state, step, bad)
     return
   end
   local code = rerun and 2 or 1
@@ -147,7 +193,7 @@ local function start(id, score, rerun)
     return
   end
   redis.call('ZADD', leases, expiry, id)
-  local entry = {code, id, score, payload}
+  local entry = {code, id, score, payload, eid}
   local flat = redis.call('HGETALL', enr)
   for i = 1, #flat do entry[#entry + 1] = flat[i] end
   out[#out + 1] = entry
