@@ -148,3 +148,33 @@ async def test_two_prefixes_share_one_redis(redis_server: EmbeddedRedis, redis: 
     keys = [k.decode() for k in await redis.keys("*")]
     assert all(k.startswith(("prod:", "staging:", "arq:")) for k in keys), keys
     assert not any(k.startswith("arq:") and ":ping:" not in k for k in keys if "job" in k)
+
+
+async def test_leases_are_renewed_through_the_drain(
+    redis_server: EmbeddedRedis, client: CampaignClient, svc: FakeService
+) -> None:
+    # a grace (4 s) longer than the lease (1 s): the running step must stay ours throughout
+    worker = WorkerProcess(redis_server.url, CAMPAIGN_LEASE="1", CAMPAIGN_SHUTDOWN_GRACE="4")
+    worker.start()
+    try:
+        await worker.wait_status("/readyz", 200)
+        await client.register_campaign({"id": "slow", "entry": "a", "nodes": {
+            "a": {"type": "action", "action": "http", "params": {"url": svc.url("/hang")},
+                  "next": None}}})  # fmt: skip
+        st = await client.enroll("slow", "a")
+        await asyncio.wait_for(svc.hung.wait(), 15)
+        worker.signal()  # SIGTERM while the call is held open
+        shard = client.service.keys.for_enrollment(st.enrollment_id)
+        job = f"step:{st.enrollment_id}:1:1"
+        until = time.monotonic() + 2.5
+        while time.monotonic() < until:  # 2.5 lease lengths into the drain
+            expiry = await client.redis.zscore(shard.leases, job)
+            assert expiry is not None and expiry > time.time() * 1000, "lease lapsed in drain"
+            await asyncio.sleep(0.1)
+        svc.release.set()
+        assert await asyncio.to_thread(worker.wait, 10) == 0  # the stand-in runs on this loop
+    finally:
+        worker.kill()
+    done = await client.status(st.enrollment_id)
+    assert done.state == "completed" and done.attempt == 1, [h.reason for h in done.history]
+    assert len(svc.calls_for(st.enrollment_id)) == 1

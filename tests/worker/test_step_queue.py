@@ -195,3 +195,73 @@ async def test_a_queue_entry_without_a_payload_is_dead_lettered(
     batch = await queue.claim(5)
     assert batch.dead == [("garbage", "no payload stored for this job id")]
     assert await client.redis.zcard(shard.queue) == 0
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "state", "reason"),
+    [
+        ("attempt", "x", "running", "attempt: not an attempt number"),
+        ("attempt", "x", "scheduled", "attempt: not an attempt number"),
+        ("attempt", "1.5", "scheduled", "attempt: not an attempt number"),
+        ("step", "", "scheduled", "step: not a step number"),
+        ("state", "zombie", "scheduled", "state: not an enrollment state"),
+        ("campaign", "other", "scheduled", "campaign: does not match the job"),
+        ("attributes", b'{"a":"\xff"}', "scheduled", "a field is not UTF-8"),
+    ],
+)
+async def test_a_corrupt_record_fails_its_enrollment_and_not_the_batch(
+    client: CampaignClient, queue: StepQueue, field: str, value: Any, state: str, reason: str
+) -> None:
+    ids = await enroll(client, 4)
+    bad = ids[1]
+    shard = client.service.keys.for_enrollment(bad)
+    await client.redis.hset(shard.enrollment(bad), mapping={"state": state, field: value})
+    if state == "running":  # an expired lease: claimed first, as a re-run
+        job = step_job_id(bad, 1, 1)
+        await client.redis.zrem(shard.queue, job)
+        await client.redis.zadd(shard.leases, {job: 1})
+    batch = await queue.claim(10)
+    assert [r for _, r in batch.corrupt] == [reason]
+    assert sorted(c.payload.target.enrollment_id for c in batch.claims) == sorted(
+        i for i in ids if i != bad
+    )
+    assert all(c.record["state"] == "running" for c in batch.claims)
+    raw = await client.redis.hgetall(shard.enrollment(bad))
+    assert raw[b"state"] == b"failed" and b"job" not in raw
+    assert orjson.loads(raw[b"error"])["type"] == "CorruptRecord"
+    assert await client.redis.sismember(shard.state_index("c", "failed"), bad)
+    assert not await client.redis.hexists(shard.jobs, step_job_id(bad, 1, 1))
+    assert (await queue.claim(10)).claims == []  # nothing left behind to claim again
+
+
+ACCEPTED_BY_BOTH = [
+    bad(k={"campaign": "c", "version": 1.0, "node": "a", "tz": None}),
+    bad(k={"campaign": "c", "version": 1, "node": "a", "tz": None, "otel": {"traceparent": "x"}}),
+    bad(t=None, et=None),
+]
+REJECTED_BY_BOTH = [
+    bad(k={"campaign": "c", "version": 1, "node": "a", "otel": ["x"]}),
+    bad(k={"campaign": "c", "version": 1, "node": "a", "otel": {"traceparent": 7}}),
+    bad(k={"campaign": "c", "version": 1.5, "node": "a"}),
+    bad(a=["c:p0", 1, -1]),
+]
+
+
+@pytest.mark.parametrize("raw", ACCEPTED_BY_BOTH + REJECTED_BY_BOTH)
+async def test_the_claim_script_and_python_agree_on_payloads(
+    client: CampaignClient, queue: StepQueue, raw: bytes
+) -> None:
+    from app.jobs import JobPayload, MalformedJob
+
+    try:
+        JobPayload.parse("step:c:p0:1:1", raw)
+        python_ok = True
+    except MalformedJob:
+        python_ok = False
+    await enroll(client, 1)
+    shard = client.service.keys.shard(0)
+    await client.redis.hset(shard.jobs, "step:c:p0:1:1", raw)
+    batch = await queue.claim(1)
+    assert batch.rejected == []  # the script never accepts what Python refuses
+    assert (len(batch.claims) == 1) == python_ok == (raw in ACCEPTED_BY_BOTH)
+    assert (len(batch.dead) == 1) == (not python_ok)

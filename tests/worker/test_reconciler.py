@@ -1,0 +1,56 @@
+"""The reconciler, called directly on a real Redis: lost jobs re-created, healthy ones left
+alone, corrupt records failed by name, and no record stopping the pass."""
+
+from __future__ import annotations
+
+import orjson
+
+from app.client import CampaignClient
+from app.jobs import timeout_job_id
+from tests.queue_view import claim_one, queued
+from worker.reconciler import reconcile
+
+WAIT = {"id": "w", "entry": "w", "nodes": {
+    "w": {"type": "wait", "event": "e", "timeout": "P1D", "on_event": None}}}  # fmt: skip
+
+
+async def test_lost_jobs_are_recreated_and_corrupt_records_failed(client: CampaignClient) -> None:
+    await client.register_campaign(WAIT)
+    await client.enroll_many("w", ({"contact_id": f"p{i:02d}"} for i in range(50)))
+    keys = client.service.keys
+    shard = keys.shard(0)
+    before = await queued(client.redis, keys)
+    lost = [f"w:p{i:02d}" for i in range(0, 50, 2)]  # every other one loses its job
+    for eid in lost:
+        await client.redis.zrem(shard.queue, timeout_job_id(eid, 1))
+        await client.redis.hdel(shard.jobs, timeout_job_id(eid, 1))
+    await client.redis.hset(shard.enrollment("w:p10"), "step", "x")  # lost and corrupt
+    await client.redis.hset(shard.enrollment("w:p20"), "deadline", b"\xff")  # lost, not UTF-8
+    repaired = await reconcile({"service": client.service})
+    assert repaired == {"scheduled": 0, "waiting": 25, "running": 0}
+    after = await queued(client.redis, keys)
+    assert set(after) == set(before) - {timeout_job_id("w:p10", 1), timeout_job_id("w:p20", 1)}
+    for eid in lost:
+        if eid in ("w:p10", "w:p20"):
+            raw = await client.redis.hgetall(shard.enrollment(eid))
+            assert raw[b"state"] == b"failed", eid
+            assert orjson.loads(raw[b"error"])["type"] == "CorruptRecord"
+            assert await client.redis.sismember(shard.state_index("w", "failed"), eid)
+        else:
+            assert after[timeout_job_id(eid, 1)] == before[timeout_job_id(eid, 1)]
+    # a second pass finds nothing to do
+    assert await reconcile({"service": client.service}) == {"scheduled": 0, "waiting": 0,
+                                                            "running": 0}  # fmt: skip
+
+
+async def test_a_running_step_with_no_lease_goes_back_to_scheduled(client: CampaignClient) -> None:
+    await client.register_campaign({"id": "r", "entry": "a", "nodes": {
+        "a": {"type": "action", "action": "log", "next": None}}})  # fmt: skip
+    st = await client.enroll("r", "x")
+    claim = await claim_one(client.service, st.enrollment_id)
+    await client.redis.zrem(claim.shard.leases, claim.job_id)  # lost with a Redis crash
+    assert await reconcile({"service": client.service}) == {"scheduled": 0, "waiting": 0,
+                                                            "running": 1}  # fmt: skip
+    status = await client.status(st.enrollment_id)
+    assert status.state == "scheduled" and status.attempt == 1
+    assert claim.job_id in await queued(client.redis, client.service.keys)
