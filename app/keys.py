@@ -15,6 +15,7 @@ touches one slot. Campaign definitions live in a slot of their own (``{c}``).
     <prefix>:{c}:campaign:<c>       HASH a campaign's versions
     <prefix>:{c}:campaigns          SET campaign ids
     <prefix>:workers                ZSET worker id -> last heartbeat (epoch s)
+    <prefix>:shards                 STRING the shard count the data was written with
 """
 
 from __future__ import annotations
@@ -66,10 +67,6 @@ class ShardKeys:
         """List of one enrollment's transitions, newest last, capped."""
         return f"{self.base}hist:{enrollment_id}"
 
-    def index_prefix(self) -> str:
-        """Start of the state index keys (``<idx prefix><campaign>:<state>``)."""
-        return self.base + "idx:"
-
     def state_index(self, campaign_id: str, state: str) -> str:
         """Set of enrollment ids of a campaign in a state."""
         return f"{self.base}idx:{campaign_id}:{state}"
@@ -116,11 +113,16 @@ class Keys:
         """Sorted set of worker ids scored by their last heartbeat (epoch seconds)."""
         return f"{self.prefix}:workers"
 
+    @property
+    def shard_count(self) -> str:
+        """The ``CAMPAIGN_SHARDS`` this deployment's data was written with."""
+        return f"{self.prefix}:shards"
+
     def ping(self, token: str) -> str:
         """Where a worker records that it answered ``ping`` ``token``."""
         return f"{self.prefix}:ping:{token}"
 
-    # -- shard 0 shortcuts, for callers that hold one enrollment id ------------------------
+    # -- shortcuts to the keys of one enrollment, in its own shard -------------------------
 
     def enrollment(self, enrollment_id: str) -> str:
         """Hash holding one enrollment's record."""

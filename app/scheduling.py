@@ -835,7 +835,3 @@ def _base_step(raw: str | None, enrollment_id: str) -> int:
             f"(got {raw[:80]!r})"
         )
     return int(raw)
-
-
-def _join(notes: list[str], last: str) -> str:
-    return "; ".join([*notes, last])

@@ -173,8 +173,8 @@ class Settings(BaseSettings):
         default=1,
         ge=1,
         le=1024,
-        description="Hash-tag shards of the keyspace (Redis Cluster); recorded in Redis at "
-        "first start",
+        description="Hash-tag shards of the keyspace (Redis Cluster); the first worker records it "
+        "in Redis, and a worker started with another count exits 2",
     )
 
     max_attributes_bytes: int = Field(

@@ -27,4 +27,4 @@ async def ping(ctx: dict[str, Any], token: str, seconds: float = 0.0) -> None:
         "finished": time.time(),
         "try": ctx["job_try"],
     }
-    await ctx["redis"].set(f"{keys.prefix}:ping:{token}", orjson.dumps(doc), ex=3600)
+    await ctx["redis"].set(keys.ping(token), orjson.dumps(doc), ex=3600)

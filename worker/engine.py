@@ -1,10 +1,11 @@
 """The step engine: claims campaign jobs in batches, runs them, keeps their leases.
 
-One loop per worker process asks :class:`~worker.step_queue.StepQueue` for up to its free
-slots of due jobs (one Lua call), starts a task per job, and sleeps until the next due
-time or ``poll_delay``, whichever is sooner. A second loop renews the leases of every job
-it runs, in one call, every lease/3. Nothing escapes either loop but a stop: a Redis
-fault pauses it (readiness goes 503) until a claim works again.
+One loop per worker process asks :class:`~worker.step_queue.StepQueue` for due jobs (one
+Lua call for up to a third of ``max_jobs``, so that Redis and Python work overlap), starts
+a task per job, and sleeps until the next due time or ``poll_delay``, whichever is sooner.
+A second loop renews the leases of every job it runs, in one call, every lease/3, and
+cuts off jobs past ``CAMPAIGN_JOB_TIMEOUT``. Nothing escapes either loop but a stop: a
+Redis fault pauses it (readiness goes 503) until a claim works again.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 
 from arq.connections import ArqRedis
 
@@ -24,7 +23,7 @@ from app.models import ACTIVE_STATES, State
 from app.settings import Settings
 from worker.metrics import Metrics, metrics
 
-__all__ = ["HEARTBEAT_STALE_SECONDS", "OTHER_CAMPAIGNS", "QueueStats", "workers_key"]
+__all__ = ["HEARTBEAT_STALE_SECONDS", "OTHER_CAMPAIGNS", "QueueStats"]
 
 HEARTBEAT_STALE_SECONDS = 30.0
 #: The ``campaign`` label that sums the campaigns without series of their own.
@@ -42,11 +41,6 @@ for i, key in ipairs(KEYS) do out[i] = redis.call('SCARD', key) end
 return out
 """
 _ACTIVE = {s.value for s in ACTIVE_STATES}
-
-
-def workers_key(keys: Keys) -> str:
-    """Sorted set of worker ids scored by their last heartbeat (epoch seconds)."""
-    return keys.workers
 
 
 class QueueStats:
@@ -165,6 +159,3 @@ class QueueStats:
                 gauge.labels(campaign=OTHER_CAMPAIGNS, state=state).set(
                     sum(counts[cid][state] for cid in rest)
                 )
-
-    def hook(self) -> Callable[[], Awaitable[None]]:
-        return self.refresh

@@ -25,8 +25,9 @@ from arq.worker import Function, Worker, func
 
 from app import __version__, serialization
 from app.connection import create_redis, wait_for_redis
+from app.keys import Keys
 from app.models import State
-from app.settings import Settings
+from app.settings import ConfigError, Settings
 from worker.engine import StepEngine
 from worker.health import Health
 from worker.http_server import HealthServer, build_app
@@ -81,6 +82,19 @@ async def check_eviction_policy(redis: ArqRedis) -> str:
             extra={"maxmemory_policy": policy},
         )
     return policy
+
+
+async def check_shard_count(redis: ArqRedis, settings: Settings) -> None:
+    """Record ``CAMPAIGN_SHARDS`` at first start; refuse another count later, which would
+    look for enrollments in the wrong shards."""
+    key = Keys(settings.key_prefix).shard_count
+    await redis.set(key, settings.shards, nx=True)
+    recorded = int(await redis.get(key) or settings.shards)
+    if recorded != settings.shards:
+        raise ConfigError(
+            f"CAMPAIGN_SHARDS: this Redis holds {recorded} shard(s) under prefix "
+            f"{settings.key_prefix!r} (key {key}), not {settings.shards}"
+        )
 
 
 async def run_worker(
@@ -138,6 +152,7 @@ async def run_worker(
         health.polled()
         metrics.redis_up.set(1)
         await check_eviction_policy(redis)
+        await check_shard_count(redis, settings)
 
         instrumented = instrument_all(functions)
         engine_functions = {

@@ -145,9 +145,10 @@ async def test_two_prefixes_share_one_redis(redis_server: EmbeddedRedis, redis: 
         started = [d for d in proc.lines if d.get("msg") == "job started"]
         assert len({d["job_id"] for d in started}) == 50, prefix
     assert Counter(c.key for c in svc.calls) == {f"steady:p{i}:2": 2 for i in range(50)}
+    # every key carries a prefix: ours directly, arq's through the job id
     keys = [k.decode() for k in await redis.keys("*")]
-    assert all(k.startswith(("prod:", "staging:", "arq:")) for k in keys), keys
-    assert not any(k.startswith("arq:") and ":ping:" not in k for k in keys if "job" in k)
+    assert keys and all(k.startswith(("prod:", "staging:")) or (k.startswith("arq:") and (
+        ":prod:" in k or ":staging:" in k)) for k in keys), keys  # fmt: skip
 
 
 async def test_leases_are_renewed_through_the_drain(
@@ -178,3 +179,16 @@ async def test_leases_are_renewed_through_the_drain(
     done = await client.status(st.enrollment_id)
     assert done.state == "completed" and done.attempt == 1, [h.reason for h in done.history]
     assert len(svc.calls_for(st.enrollment_id)) == 1
+
+
+async def test_a_worker_with_another_shard_count_exits_2(redis_server: EmbeddedRedis,
+                                                         redis: Any) -> None:  # fmt: skip
+    await redis.set("campaign:shards", 4)
+    worker = WorkerProcess(redis_server.url).start()
+    try:
+        assert await asyncio.to_thread(worker.wait, 20) == 2
+    finally:
+        worker.kill()
+    errors = [line for line in worker.raw if "CAMPAIGN_SHARDS" in line]
+    assert len(errors) == 1 and "holds 4 shard(s)" in errors[0], worker.raw[-5:]
+    assert not any("Traceback" in line for line in worker.raw)
