@@ -24,6 +24,7 @@ __all__ = [
     "JobTarget",
     "MalformedJob",
     "enrollment_id_for",
+    "split_enrollment_id",
     "step_job_id",
     "timeout_job_id",
 ]
@@ -36,6 +37,12 @@ _MAX_INT = 2**53
 def enrollment_id_for(campaign_id: str, contact_id: str) -> str:
     """``"{campaign_id}:{contact_id}"``."""
     return f"{campaign_id}:{contact_id}"
+
+
+def split_enrollment_id(enrollment_id: str) -> tuple[str, str]:
+    """(campaign id, contact id) of an enrollment id (campaign ids have no ``:``)."""
+    campaign, _, contact = enrollment_id.partition(":")
+    return campaign, contact
 
 
 def step_job_id(enrollment_id: str, step: int, attempt: int, run_at_ms: int | None = None) -> str:
@@ -64,12 +71,11 @@ class JobTarget:
 
     def kwargs(self, node: str | None) -> dict[str, Any]:
         """The job's keyword arguments (with the current trace context, if any)."""
-        out: dict[str, Any] = {
-            "campaign": self.campaign_id,
-            "version": self.version,
-            "node": node,
-            "tz": self.timezone,
-        }
+        # The campaign is the enrollment id's first part, and no time zone means the
+        # campaign's: neither is repeated in every job.
+        out: dict[str, Any] = {"version": self.version, "node": node}
+        if self.timezone:
+            out["tz"] = self.timezone
         if self.base_step:
             out["base"] = self.base_step
         carrier = current_carrier()
@@ -130,7 +136,7 @@ class JobPayload:
         )
         if function == STEP_FUNCTION and attempt is None:
             raise MalformedJob("a: expected an attempt number")
-        if not isinstance(kwargs, dict) or not isinstance(kwargs.get("campaign"), str):
+        if not isinstance(kwargs, dict) or not isinstance(kwargs.get("campaign", ""), str):
             raise MalformedJob("k: expected campaign and version")
         version = _whole(kwargs.get("version"), "k: version")
         node, tz = kwargs.get("node"), kwargs.get("tz")
@@ -142,8 +148,8 @@ class JobPayload:
         ):
             raise MalformedJob("k: otel must be an object of strings")
         enrollment_id: str = args[0]
-        campaign: str = kwargs["campaign"]
-        if not enrollment_id.startswith(campaign + ":"):
+        campaign: str = kwargs.get("campaign") or split_enrollment_id(enrollment_id)[0]
+        if not campaign or not enrollment_id.startswith(campaign + ":"):
             raise MalformedJob("a: enrollment id does not belong to the campaign")
         expected = (
             step_job_id(enrollment_id, step, attempt or 0)

@@ -173,21 +173,23 @@ class SchedulingService:
         target = dataclasses.replace(target, base_step=base_step)
         plan = self._plan(campaign, target, campaign.entry, base_step, now, reason="enrolled")
         at = str(_ms(now))
+        # Only what the contract needs and the id does not say: no campaign or contact
+        # field, no time zone or base step when there is none (issue: bytes per enrollment).
         extra = {
-            "base_step": str(base_step),
-            "campaign": campaign.id,
-            "contact": contact_id,
             "version": str(campaign.version),
-            "timezone": target.timezone or "",
             "attributes": orjson.dumps(dict(attributes or {})).decode(),
             "created_at": at,
         }
+        if target.timezone:
+            extra["timezone"] = target.timezone
+        if base_step:
+            extra["base_step"] = str(base_step)
         tr = self.transition(plan, target, from_state=None, expect_states=(), expect_step=base_step,
                              now=now, extra=extra)  # fmt: skip
         tr.create = True
         tr.reentry = campaign.reentry
-        tr.unset.append("error")
-        tr.unset.append("event")
+        tr.unset.extend(["error", "event"])
+        tr.unset.extend(f for f in ("timezone", "base_step") if f not in extra)
         return tr
 
     @_traced("enroll")
@@ -534,8 +536,8 @@ class SchedulingService:
         tr = Transition(
             campaign_id=enrollment_id.partition(":")[0], expect_states=(state,),
             expect_job=rec.get("job") or None, repair=True,
-            set={"state": State.FAILED.value, "campaign": enrollment_id.partition(":")[0],
-                 "updated_at": str(at), "error": orjson.dumps(error).decode()},
+            set={"state": State.FAILED.value, "updated_at": str(at),
+                 "error": orjson.dumps(error).decode()},
             unset=["job"], history=[entry],
         )  # fmt: skip
         return await self._apply(enrollment_id, tr)

@@ -24,7 +24,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
 from app.errors import CorruptRecord
-from app.jobs import Job
+from app.jobs import Job, split_enrollment_id
 from app.keys import Keys, ShardKeys
 from app.models import EnrollmentStatus, ErrorInfo, HistoryEntry, State, ms_to_datetime
 
@@ -272,7 +272,7 @@ class EnrollmentStore:
         raw = await self.redis.hgetall(self.keys.enrollment(enrollment_id))  # type: ignore[misc]
         if not raw:
             return None
-        return {_s(k): _s(v) for k, v in raw.items()}
+        return with_derived(enrollment_id, {_s(k): _s(v) for k, v in raw.items()})
 
     async def records(self, enrollment_ids: Sequence[str], *fields: str) -> list[list[str | None]]:
         """Selected fields of many records in one round trip."""
@@ -290,8 +290,9 @@ class EnrollmentStore:
             raw, hist = await pipe.execute()
         if not raw:
             return None
-        rec = {_s(k): _s(v) for k, v in raw.items()}
-        return to_status(enrollment_id, rec, [orjson.loads(h) for h in hist])
+        rec = with_derived(enrollment_id, {_s(k): _s(v) for k, v in raw.items()})
+        entries = [orjson.loads(h) for h in hist] or [creation_entry(rec)]
+        return to_status(enrollment_id, rec, entries)
 
     async def count_by_state(self, campaign_id: str) -> dict[str, int]:
         """Enrollments of a campaign per state, from the index sets (O(1) each)."""
@@ -376,6 +377,24 @@ def to_status(
             f"enrollment {enrollment_id!r}: stored field {field!r} cannot be read "
             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
         ) from None
+
+
+def with_derived(enrollment_id: str, rec: dict[str, str]) -> dict[str, str]:
+    """Fill in the fields a record does not store because its id says them (campaign,
+    contact); records written before they were dropped keep their own."""
+    campaign, contact = split_enrollment_id(enrollment_id)
+    rec.setdefault("campaign", campaign)
+    rec.setdefault("contact", contact)
+    return rec
+
+
+def creation_entry(rec: dict[str, str]) -> dict[str, Any]:
+    """The history entry of an enrollment that has not moved since it was created: its
+    history list is only written at its first move (the record says how it started)."""
+    return {"at": rec.get("created_at") or rec.get("updated_at") or 0, "from": None,
+            "to": rec.get("state"), "node": rec.get("node") or None,
+            "step": rec.get("step") or 0, "attempt": rec.get("attempt") or 1,
+            "reason": "enrolled"}  # fmt: skip
 
 
 def _s(value: Any) -> str:

@@ -17,6 +17,7 @@ from arq.cron import CronJob, cron
 from app.models import State
 from app.scheduling import SchedulingService
 from app.settings import Settings
+from app.store import with_derived
 from worker.metrics import metrics
 from worker.redis_errors import is_redis_error
 
@@ -62,7 +63,7 @@ async def _check_slice(service: SchedulingService, ids: list[str]) -> dict[str, 
         for eid in ids:
             pipe.hmget(service.keys.enrollment(eid), list(_FIELDS))
         rows = await pipe.execute()
-    records = [(eid, _decode(row)) for eid, row in zip(ids, rows, strict=True)]
+    records = [(eid, with_derived(eid, _decode(row))) for eid, row in zip(ids, rows, strict=True)]
     active = [(eid, rec) for eid, rec in records if rec.get("state") in _STATES]
     async with service.redis.pipeline(transaction=False) as pipe:
         for eid, rec in active:

@@ -19,7 +19,7 @@ from arq.connections import ArqRedis
 
 from app.jobs import JobPayload, MalformedJob
 from app.keys import Keys, ShardKeys
-from app.store import load_script
+from app.store import load_script, with_derived
 
 __all__ = ["DEAD_LETTERS_KEPT", "Claim", "ClaimBatch", "ClaimCode", "StepQueue"]
 
@@ -104,7 +104,8 @@ class StepQueue:
             if code == ClaimCode.CORRUPT:
                 batch.corrupt.append((_text(entry[1]), _text(entry[3])))
                 continue
-            job_id, eid, record = _text(entry[1]), _text(entry[4]), _pairs(entry[5:])
+            job_id, eid = _text(entry[1]), _text(entry[4])
+            record = with_derived(eid, _pairs(entry[5:]))
             try:
                 payload = JobPayload.parse(job_id, entry[3])
                 score = int(float(entry[2]))

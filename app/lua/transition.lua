@@ -21,6 +21,17 @@
 --   orphan      true: only if the current job is neither queued nor leased (reconciler)
 -- Returns {1, new_state} | {0, state, step} precondition failed | {-1} no such enrollment
 --       | {-2, job_id} job id taken by another enrollment | {-3} current job is not orphaned
+-- A new enrollment's record says how it started (created_at, its first state and node),
+-- so its history list is only made at its first move, starting with that entry.
+local function start_history(hist, enr)
+  if redis.call('EXISTS', hist) == 1 then return end
+  local r = redis.call('HMGET', enr, 'created_at', 'state', 'node', 'step', 'attempt')
+  if not r[1] then return end
+  redis.call('RPUSH', hist, cjson.encode({at = tonumber(r[1]), from = cjson.null, to = r[2],
+    node = (r[3] and r[3] ~= '') and r[3] or cjson.null, step = tonumber(r[4]) or 0,
+    attempt = tonumber(r[5]) or 1, reason = 'enrolled'}))
+end
+
 local op = cjson.decode(ARGV[1])
 local enr, hist, queue, leases, jobs = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local index = {}
@@ -41,8 +52,8 @@ if op.create then
   end
 else
   if not state then return {-1} end
-  -- (a record without its campaign field is corrupt; only a repair may write to it)
-  if campaign ~= op.campaign and not (op.repair and not campaign) then
+  -- (records keep no campaign field: the enrollment id says it)
+  if (campaign or string.match(op.id, '^([^:]+):')) ~= op.campaign then
     return {0, state, tonumber(step)}
   end
   local ok = false
@@ -71,7 +82,9 @@ if state ~= new_state and ((state and not index[state]) or not index[new_state])
   return redis.error_reply('transition: no index key passed for state ' .. (state or '') .. '/' .. tostring(new_state))
 end
 
--- All checks passed: write.
+-- All checks passed: write. (The history list is started from the record as it was.)
+local write_history = op.history and #op.history > 0 and not (op.create and not state)
+if write_history then start_history(hist, enr) end
 if given(op.requeue) then
   if current_job and redis.call('HEXISTS', jobs, current_job) == 1 then
     redis.call('ZREM', leases, current_job)
@@ -102,7 +115,7 @@ if state ~= new_state then
   redis.call('SADD', index[new_state], op.id)
 end
 
-if op.history and #op.history > 0 then
+if write_history then
   -- The previous state is what was in Redis, whatever the caller assumed.
   for i, raw in ipairs(op.history) do
     local entry = cjson.decode(raw)

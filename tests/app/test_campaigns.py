@@ -369,4 +369,6 @@ async def test_an_enrollment_stays_on_the_version_it_started_with(
 
 def _target(enrollment_id: str, kwargs: dict[str, Any]) -> JobTarget:
     """The target a step job's kwargs describe (what the worker builds from a job)."""
-    return JobTarget(enrollment_id, kwargs["campaign"], kwargs["version"], kwargs["tz"])
+    return JobTarget(
+        enrollment_id, enrollment_id.partition(":")[0], kwargs["version"], kwargs.get("tz")
+    )

@@ -118,8 +118,11 @@ async def test_create_writes_record_history_index_and_job(
         "step": "1",
         "attempt": "1",
         "job": f"step:{EID}:1:1",
+        "contact": "x",  # derived from the id, not stored
     }
-    assert [h["reason"] for h in await history(redis)] == ["created"]
+    # a new record's history list is only started at its first move
+    assert await history(redis) == []
+    assert not await redis.exists(KEYS.history(EID))
     assert await indexed(redis) == ["scheduled"]
     assert await redis.zscore(SHARD.queue, "step:c:x:1:1") == score
     payload = orjson.loads(await redis.hget(SHARD.jobs, "step:c:x:1:1"))
@@ -178,7 +181,7 @@ async def test_reentry_replaces_only_a_terminal_record_at_the_expected_step(
     if ok:
         assert (await store.record(EID) or {})["step"] == "4"
         assert await indexed(redis) == ["scheduled"]
-        assert [h["reason"] for h in await history(redis)] == ["created", "re-entered"]
+        assert [h["reason"] for h in await history(redis)] == ["re-entered"]
     else:
         assert (applied.state, applied.step) == (state, 3)
         assert await snapshot(redis) == before
@@ -352,3 +355,21 @@ async def test_apply_many_runs_independent_transitions(store: EnrollmentStore) -
         (False, True, None),
         (False, False, "running"),
     ]
+
+
+async def test_the_first_move_starts_the_history_with_the_creation(
+    store: EnrollmentStore, redis: Any
+) -> None:
+    tr = Transition(
+        campaign_id="c", create=True, expect_step=0,
+        set={"state": "waiting", "node": "w", "step": "1", "attempt": "1", "created_at": "1000"},
+        history=[entry("waiting", "enrolled; wait for e")],
+    )  # fmt: skip
+    assert (await store.apply(EID, tr)).ok
+    assert await history(redis) == []
+    assert (await store.apply(EID, move("completed", expect="waiting"))).ok
+    [first, second] = await history(redis)
+    assert (first["at"], first["from"], first["to"], first["node"], first["reason"]) == (
+        1000, None, "waiting", "w", "enrolled",
+    )  # fmt: skip
+    assert (second["from"], second["to"]) == ("waiting", "completed")

@@ -19,6 +19,17 @@ local limit, now, expiry = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3
 local hist_limit, dead_keep = tonumber(ARGV[4]), tonumber(ARGV[5])
 local out = {-1}
 
+-- A new enrollment's record says how it started (created_at, its first state and node),
+-- so its history list is only made at its first move, starting with that entry.
+local function start_history(hist, enr)
+  if redis.call('EXISTS', hist) == 1 then return end
+  local r = redis.call('HMGET', enr, 'created_at', 'state', 'node', 'step', 'attempt')
+  if not r[1] then return end
+  redis.call('RPUSH', hist, cjson.encode({at = tonumber(r[1]), from = cjson.null, to = r[2],
+    node = (r[3] and r[3] ~= '') and r[3] or cjson.null, step = tonumber(r[4]) or 0,
+    attempt = tonumber(r[5]) or 1, reason = 'enrolled'}))
+end
+
 local function utf8_ok(s)
   if not string.find(s, '[\128-\255]') then return true end
   local i, n = 1, #s
@@ -62,7 +73,8 @@ local function check(id, payload)
     return 'a: expected [enrollment_id, step, ...]'
   end
   if d.f == 'run_step' and not whole(d.a[3]) then return 'a: expected an attempt number' end
-  if type(d.k) ~= 'table' or type(d.k.campaign) ~= 'string' or not whole(d.k.version) then
+  if type(d.k) ~= 'table' or d.k[1] ~= nil or not whole(d.k.version)
+      or not (d.k.campaign == nil or type(d.k.campaign) == 'string') then
     return 'k: expected campaign and version'
   end
   if not null_or(d.k.node, 'string') or not null_or(d.k.tz, 'string') then
@@ -80,9 +92,11 @@ local function check(id, payload)
     return 'et: not a time in ms'
   end
   local eid = d.a[1]
-  if string.sub(eid, 1, #d.k.campaign + 1) ~= d.k.campaign .. ':' then
+  local campaign = d.k.campaign or string.match(eid, '^([^:]+):')
+  if not campaign or string.sub(eid, 1, #campaign + 1) ~= campaign .. ':' then
     return 'a: enrollment id does not belong to the campaign'
   end
+  d.campaign = campaign
   local expected = 'timeout:' .. eid .. ':' .. d.a[2]
   if d.f == 'run_step' then expected = 'step:' .. eid .. ':' .. d.a[2] .. ':' .. d.a[3] end
   if id ~= expected and string.sub(id, 1, #expected + 1) ~= expected .. '@' then
@@ -114,14 +128,15 @@ local STATES = {scheduled = true, running = true, waiting = true, completed = tr
 -- enrollment with a named error, written here because no transition can check it.
 local function fail_corrupt(id, score, eid, campaign, state, step, reason)
   local enr = base .. 'enr:' .. eid
+  local hist = base .. 'hist:' .. eid
+  if STATES[state] then start_history(hist, enr) end  -- from the record as it was
   redis.call('ZREM', leases, id)
   redis.call('HDEL', jobs, id)
   redis.call('HDEL', enr, 'job')
-  redis.call('HSET', enr, 'state', 'failed', 'campaign', campaign, 'updated_at', now,
+  redis.call('HSET', enr, 'state', 'failed', 'updated_at', now,
     'error', cjson.encode({type = 'CorruptRecord', message = reason, at = now}))
   for s in pairs(STATES) do redis.call('SREM', base .. 'idx:' .. campaign .. ':' .. s, eid) end
   redis.call('SADD', base .. 'idx:' .. campaign .. ':failed', eid)
-  local hist = base .. 'hist:' .. eid
   redis.call('RPUSH', hist, cjson.encode({at = now, from = STATES[state] and state or cjson.null,
     to = 'failed', node = cjson.null, step = tonumber(step) or 0, reason = 'CorruptRecord: ' .. reason}))
   redis.call('LTRIM', hist, -hist_limit, -1)
@@ -148,6 +163,7 @@ local function start(id, score, rerun)
   local enr = base .. 'enr:' .. eid
   local rec = redis.call('HMGET', enr, 'state', 'step', 'attempt', 'job', 'campaign', 'node')
   local state, step, attempt, job, campaign, node = rec[1], rec[2], rec[3], rec[4], rec[5], rec[6]
+  campaign = campaign or d.campaign  -- records keep no campaign field: the id says it
   if job ~= id then
     stale(id, score)
     return
@@ -156,14 +172,14 @@ local function start(id, score, rerun)
   local bad
   if not STATES[state] then bad = 'state: not an enrollment state'
   elseif not integral(step) then bad = 'step: not a step number'
-  elseif campaign ~= d.k.campaign then bad = 'campaign: does not match the job'
+  elseif campaign ~= d.campaign then bad = 'campaign: does not match the job'
   elseif d.f == 'run_step' and not (integral(attempt) and tonumber(attempt) >= 1) then
     bad = 'attempt: not an attempt number'
   elseif not utf8_ok(table.concat(redis.call('HVALS', enr), '')) then
     bad = 'a field is not UTF-8'
   end
   if bad then
-    fail_corrupt(id, score, eid, d.k.campaign, state, step, bad)
+    fail_corrupt(id, score, eid, d.campaign, state, step, bad)
     return
   end
   local code = rerun and 2 or 1
@@ -178,12 +194,13 @@ local function start(id, score, rerun)
       stale(id, score)
       return
     end
+    local hist = base .. 'hist:' .. eid
+    start_history(hist, enr)  -- from the record as it was
     redis.call('HSET', enr, 'state', 'running', 'attempt', to_attempt, 'updated_at', now)
     if state ~= 'running' then
       redis.call('SREM', base .. 'idx:' .. campaign .. ':' .. state, eid)
       redis.call('SADD', base .. 'idx:' .. campaign .. ':running', eid)
     end
-    local hist = base .. 'hist:' .. eid
     redis.call('RPUSH', hist, cjson.encode({at = now, from = state, to = 'running',
       node = (node and node ~= '') and node or cjson.null, step = tonumber(step),
       attempt = to_attempt, reason = why}))
