@@ -15,12 +15,13 @@ from typing import Any, TextIO
 
 import orjson
 
+from app import overview
 from app.client import CampaignClient
 from app.connection import create_redis
 from app.errors import CampaignError, CorruptRecord, EnrollManyError, InvalidRequest
 from app.keys import Keys
 from app.models import EnrollmentStatus, State
-from app.settings import Settings
+from app.settings import ConfigError, Settings
 
 __all__ = [
     "dead_letters",
@@ -28,6 +29,8 @@ __all__ = [
     "enroll_file",
     "failure_groups",
     "failures",
+    "info",
+    "list_enrollments",
     "ping_workers",
     "register",
     "replay",
@@ -337,4 +340,81 @@ async def dead_letters(client: CampaignClient, limit: int, out: TextIO) -> int:
         payload = str(doc.get("payload") or "")[:100]
         print(f"{at}  {doc.get('job_id')}  {doc.get('reason')}  payload={payload!r}", file=out)
     print(f"{len(raw)} of {total} shown", file=out)
+    return 0
+
+
+async def _checked_keys(client: CampaignClient) -> Keys:
+    """The key layout of ``client``'s settings, after checking that ``CAMPAIGN_SHARDS``
+    matches the count the data was written with (else the numbers would be wrong)."""
+    settings = client.settings
+    keys = Keys(settings.key_prefix, settings.shards)
+    recorded = await client.redis.get(keys.shard_count)
+    if recorded is not None and int(recorded) != settings.shards:
+        raise ConfigError(
+            f"CAMPAIGN_SHARDS: this Redis holds {int(recorded)} shard(s) under prefix "
+            f"{settings.key_prefix!r} (key {keys.shard_count}), not {settings.shards}"
+        )
+    return keys
+
+
+def _table(header: list[str], rows: list[list[str]], out: TextIO) -> None:
+    """Columns padded to their widest cell: the first left-aligned, the rest right."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        cells = [row[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
+        ]
+        print("  ".join(cells).rstrip(), file=out)
+
+
+async def info(client: CampaignClient, out: TextIO) -> int:
+    """The queue per shard, workers alive, and every campaign's enrollments by state."""
+    keys = await _checked_keys(client)
+    view = await overview.queue_overview(client.redis, keys, client.settings)
+    rows = [[f"{{{s.shard}}}", str(s.due), str(s.deferred), str(s.running), str(s.dead)]
+            for s in view.shards]  # fmt: skip
+    if len(view.shards) > 1:
+        rows.append(["total", str(view.due), str(view.deferred), str(view.running),
+                     str(view.dead)])  # fmt: skip
+    _table(["shard", "due", "deferred", "running", "dead letters"], rows, out)
+    print(file=out)
+    print(f"workers alive: {view.workers_alive} (heartbeat within "
+          f"{overview.WORKER_ALIVE_SECONDS:g}s)", file=out)  # fmt: skip
+    print(f"maintenance jobs queued: {view.maintenance_queued} ({client.settings.arq_queue})",
+          file=out)  # fmt: skip
+    print(file=out)
+    if not view.campaigns:
+        print("no campaigns registered", file=out)
+        return 0
+    states = [s.value for s in State]
+    _table(
+        ["campaign", *states, "total"],
+        [[c.campaign_id, *(str(c.counts[s]) for s in states), str(c.total)]
+         for c in view.campaigns],
+        out,
+    )  # fmt: skip
+    return 0
+
+
+async def list_enrollments(
+    client: CampaignClient,
+    campaign: str,
+    state: str | None,
+    node: str | None,
+    limit: int,
+    cursor: str | None,
+    out: TextIO,
+    err: TextIO,
+) -> int:
+    """One page of a campaign's enrollments, one ``id<TAB>state<TAB>node`` line each (``-``
+    for no node); ``next: <cursor>`` on ``err`` when there is more."""
+    keys = await _checked_keys(client)
+    page = await overview.list_enrollments(
+        client.redis, keys, campaign, state=state, node=node, limit=limit, cursor=cursor
+    )
+    for eid, st, at in page.items:
+        print(f"{eid}\t{st}\t{at or '-'}", file=out)
+    if page.next_cursor is not None:
+        out.flush()
+        print(f"next: {page.next_cursor}", file=err)
     return 0

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from app.errors import CampaignError
+from app.models import State
 from app.settings import ConfigError, Settings
 
 __all__ = ["main"]
@@ -23,11 +24,15 @@ EXIT_BROKEN_PIPE = 141
 
 
 def _parser() -> argparse.ArgumentParser:
+    from app import __version__
+
     parser = argparse.ArgumentParser(
         prog="campaign-worker",
         description="Campaign scheduler worker and admin commands. Settings come from the "
         "environment (REDIS_URL, CAMPAIGN_*, OTEL_*); see the README.",
     )
+    parser.add_argument("--version", action="version", version=f"campaign-worker {__version__}")
+    parser.add_argument("--redis-url", metavar="URL", default=None, help=_REDIS_URL_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("run", help="run the worker and its HTTP server until SIGTERM")
 
@@ -84,7 +89,30 @@ def _parser() -> argparse.ArgumentParser:
 
     dl = sub.add_parser("dead-letters", help="poison jobs dropped from the queue")
     dl.add_argument("--limit", type=int, default=20)
+
+    sub.add_parser(
+        "info", help="the queue per shard, workers alive, campaigns with counts by state"
+    )
+
+    ls = sub.add_parser(
+        "list", help="a campaign's enrollments, one 'id<TAB>state<TAB>node' line each"
+    )
+    ls.add_argument("campaign")
+    ls.add_argument("--state", default=None,
+                    help=f"only enrollments in this state: {', '.join(s.value for s in State)}")  # fmt: skip
+    ls.add_argument("--node", default=None, help="only enrollments at this node")
+    ls.add_argument("--limit", type=int, default=100, help="enrollments to list, 1 to 1000 (100)")
+    ls.add_argument("--cursor", default=None,
+                    help="go on from the 'next:' cursor a previous list printed")  # fmt: skip
+
+    for command in sub.choices.values():  # every subcommand takes it too; SUPPRESS keeps
+        command.add_argument(  # a value given before the subcommand
+            "--redis-url", metavar="URL", default=argparse.SUPPRESS, help=_REDIS_URL_HELP
+        )
     return parser
+
+
+_REDIS_URL_HELP = "Redis to use (overrides REDIS_URL)"
 
 
 def _json_object(text: str, name: str) -> dict[str, Any]:
@@ -169,6 +197,11 @@ def _admin(args: argparse.Namespace, settings: Settings) -> int:
         )
     if cmd == "dead-letters":
         return asyncio.run(_with_client(settings, lambda c: admin.dead_letters(c, args.limit, out)))
+    if cmd == "info":
+        return asyncio.run(_with_client(settings, lambda c: admin.info(c, out)))
+    if cmd == "list":
+        return asyncio.run(_with_client(settings, lambda c: admin.list_enrollments(
+            c, args.campaign, args.state, args.node, args.limit, args.cursor, out, sys.stderr)))  # fmt: skip
     raise AssertionError(cmd)
 
 
@@ -200,9 +233,18 @@ def _discard_stdout() -> None:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args = _parser().parse_args(argv)
     try:
-        settings = Settings.load()
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) or a usage error (2), already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_CONFIG
+    try:
+        if args.redis_url is not None:
+            try:
+                settings = Settings.load(redis_url=args.redis_url)
+            except ConfigError as exc:
+                raise ConfigError(str(exc).replace("REDIS_URL:", "--redis-url:", 1)) from None
+        else:
+            settings = Settings.load()
     except ConfigError as exc:
         print(f"campaign-worker: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -219,6 +261,8 @@ def _main(argv: Sequence[str] | None) -> int:
 
             if "CAMPAIGN_LOG_LEVEL" not in os.environ:
                 configure_logging("WARNING", settings.log_format)  # keep the progress readable
+            if args.redis_url is not None:  # the demo runs its own Redis unless REDIS_URL is set
+                os.environ["REDIS_URL"] = args.redis_url
             return asyncio.run(run_demo(settings, contacts=args.contacts, reply_rate=args.reply_rate,
                                         seed=args.seed, campaign_path=args.campaign))  # fmt: skip
         return _admin(args, settings)
