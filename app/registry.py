@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -15,6 +16,9 @@ from app.store import load_script
 
 __all__ = ["CampaignRegistry"]
 
+#: How long a process goes on enrolling into the version it last saw as the latest, after
+#: another process registered a newer one (this process's own registrations count at once).
+LATEST_TTL = 1.0
 _CACHE_SIZE = 256
 
 
@@ -33,6 +37,9 @@ class CampaignRegistry:
         self.limits = limits or Limits()
         self._register = redis.register_script(load_script("app", "register.lua"))
         self._cache: OrderedDict[tuple[str, int], Campaign] = OrderedDict()
+        #: campaign id -> (when read, latest version): "latest" is looked up again at most
+        #: every LATEST_TTL seconds, so enrolling costs no extra round trip.
+        self._latest: dict[str, tuple[float, int]] = {}
 
     async def register(self, definition: Any, limits: Limits | None = None) -> Campaign:
         """Validate and store a new version; returns it with ``version`` set.
@@ -50,6 +57,7 @@ class CampaignRegistry:
         )
         stored = campaign.model_copy(update={"version": version})
         self._remember(stored)
+        self._latest[campaign.id] = (time.monotonic(), version)
         return stored
 
     async def get(self, campaign_id: str, version: int | None = None) -> Campaign:
@@ -65,7 +73,13 @@ class CampaignRegistry:
             self._cache.move_to_end((campaign_id, version))
             return self._cache[(campaign_id, version)]
         key = self.keys.campaign(campaign_id)
+        latest_read = False
         if version is None:
+            seen = self._latest.get(campaign_id)
+            if seen is not None and time.monotonic() - seen[0] < LATEST_TTL:
+                return self._cache.get((campaign_id, seen[1])) or await self.get(
+                    campaign_id, seen[1]
+                )
             latest = await self.redis.hget(key, "latest")  # type: ignore[misc]
             if latest is None:
                 raise CampaignNotFound(f"no campaign named {campaign_id[:200]!r} is registered")
@@ -76,7 +90,9 @@ class CampaignRegistry:
                     f"campaign {campaign_id!r}: stored field 'latest' is not a version number"
                 ) from None
             if (campaign_id, version) in self._cache:
+                self._latest[campaign_id] = (time.monotonic(), version)
                 return self._cache[(campaign_id, version)]
+            latest_read = True
         raw = await self.redis.hget(key, f"v:{version}")  # type: ignore[misc]
         if raw is None:
             raise CampaignNotFound(f"campaign {campaign_id[:200]!r} has no version {version}")
@@ -91,6 +107,8 @@ class CampaignRegistry:
                 f"read: {str(exc)[:300]}"
             ) from None
         self._remember(campaign)
+        if latest_read:  # only a version that loaded is remembered as the latest
+            self._latest[campaign_id] = (time.monotonic(), version)
         return campaign
 
     async def ids(self) -> list[str]:

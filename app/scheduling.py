@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import traceback as tb
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -32,13 +33,29 @@ from app.errors import (
     InvalidRequest,
     InvalidRow,
 )
-from app.jobs import JobTarget, enrollment_id_for
+from app.jobs import (
+    STEP_FUNCTION,
+    JobTarget,
+    enrollment_id_for,
+    step_job_id,
+    timeout_job_id,
+)
 from app.keys import Keys
 from app.models import ACTIVE_STATES, EnrollManyResult, EnrollmentStatus, State
 from app.planner import Plan, Planner, ms
 from app.registry import CampaignRegistry
+from app.serialization import job_payload
 from app.settings import Settings
-from app.store import Applied, EnrollmentStore, Transition
+from app.store import (
+    Applied,
+    EnrollmentStore,
+    NewEnrollment,
+    Transition,
+    creation_entry,
+    now_ms,
+    to_status,
+    with_derived,
+)
 from app.tracing import enabled as tracing_enabled
 from app.tracing import producer_span
 
@@ -48,6 +65,7 @@ _CONTACT_MAX = 256
 # What writing a batch can raise besides our own errors: redis-py's, sockets, timeouts.
 _WRITE_ERRORS = (CampaignError, RedisError, OSError, TimeoutError)
 _RACE_RETRIES = 5
+_SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f]")
 _ACTIVE = {s.value for s in ACTIVE_STATES}
 _NO_REENTRY = "; the campaign does not allow re-entry"
 _ms = ms
@@ -146,7 +164,7 @@ class SchedulingService:
             raise InvalidRequest(
                 f"contact_id must be a non-empty string of at most {_CONTACT_MAX} characters"
             )
-        if any(c.isspace() or ord(c) < 32 for c in contact_id):
+        if _SPACE_OR_CONTROL.search(contact_id):
             raise InvalidRequest(
                 f"contact_id {contact_id!r} contains whitespace or control characters"
             )
@@ -192,6 +210,93 @@ class SchedulingService:
         tr.unset.extend(f for f in ("timezone", "base_step") if f not in extra)
         return tr
 
+    def _new_rows(
+        self, campaign: Campaign, batch: Sequence[tuple[JobTarget, Mapping[str, Any]]],
+        now: datetime,
+    ) -> tuple[Plan, dict[str, str], str, list[NewEnrollment]]:  # fmt: skip
+        """Plan a batch of new enrollments for one call of ``lua/enroll.lua``: the fields
+        every record shares, the name of its due-time field, and a row per contact. Where the
+        entry's plan does not depend on the contact (no business hours in its zone), it is
+        made once per time zone, not per contact."""
+        at = _ms(now)
+        enqueued = now_ms()  # "et": when it was queued, whatever time the plan was made for
+        plans: dict[str | None, Plan] = {}
+        rows = []
+        plan: Plan | None = None
+        for offset, (target, contact) in enumerate(batch):
+            tz = target.timezone
+            if tz in plans:
+                plan = plans[tz]
+            else:
+                try:
+                    plan = self._plan(campaign, target, campaign.entry, 0, now, reason="enrolled")
+                except InvalidRequest as exc:
+                    raise _RowError(offset, exc) from None
+                if campaign.calendar_for(tz) is None:
+                    plans[tz] = plan
+            job, due = plan.job, plan.run_at or plan.deadline
+            job_id, payload = "", ""
+            eid = target.enrollment_id
+            if job is not None:
+                own = job.args[0] == eid
+                job_id = job.id if own else (step_job_id(eid, plan.step, 1) if job.function == STEP_FUNCTION
+                                             else timeout_job_id(eid, plan.step))  # fmt: skip
+                payload = job_payload(
+                    job.function, [eid, *job.args[1:]], job.kwargs, enqueued, 1
+                ).decode()
+            attributes = contact.get("attributes")
+            rows.append(NewEnrollment(
+                eid, job_id, payload, max(_ms(due), at) if due is not None else 0,
+                orjson.dumps(dict(attributes or {})).decode(), tz or "",
+            ))  # fmt: skip
+        assert plan is not None
+        common = {"state": plan.state.value, "node": plan.node or "", "step": str(plan.step),
+                  "attempt": "1", "version": str(campaign.version), "created_at": str(at),
+                  "updated_at": str(at)}  # fmt: skip
+        if plan.error is not None:
+            common["error"] = orjson.dumps({**plan.error, "at": at, "attempt": 1}).decode()
+        time_field = "run_at" if plan.run_at is not None else "deadline" if plan.deadline else ""
+        return plan, common, time_field, rows
+
+    async def _enroll_new(
+        self, campaign: Campaign, target: JobTarget, attributes: Mapping[str, Any] | None,
+        now: datetime,
+    ) -> EnrollmentStatus:  # fmt: skip
+        """One round trip: create the record and its job, and build the status from what
+        was written (a campaign without re-entry never replaces a record)."""
+        plan, common, time_field, rows = self._new_rows(
+            campaign, [(target, {"attributes": attributes})], now
+        )
+        [result] = await self.store.create_many(campaign.id, plan.state.value, common,
+                                                time_field, rows)  # fmt: skip
+        eid = target.enrollment_id
+        if result == -2:
+            raise InvalidRequest(
+                f"cannot enroll {target.enrollment_id.partition(':')[2]!r}: job "
+                f"{rows[0].job_id!r} is still queued from an earlier enrollment with the same id"
+            )
+        if result != 1:
+            hint = "" if result in _ACTIVE else _NO_REENTRY
+            raise AlreadyEnrolled(
+                f"contact {eid.partition(':')[2]!r} is already enrolled in campaign "
+                f"{campaign.id!r} (enrollment {eid} is {result}){hint}"
+            )
+        self._created(plan, eid, now)
+        rec = with_derived(eid, {**common, "attributes": rows[0].attributes})
+        if rows[0].job_id:
+            rec["job"] = rows[0].job_id
+        if time_field:
+            rec[time_field] = str(rows[0].due_ms)
+        if rows[0].timezone:
+            rec["timezone"] = rows[0].timezone
+        return to_status(eid, rec, [creation_entry(rec)])
+
+    def _created(self, plan: Plan, eid: str, now: datetime) -> None:
+        if self.on_transition is not None:
+            self.on_transition(eid, {"at": _ms(now), "from": None, "to": plan.state.value,
+                                     "node": plan.node, "step": plan.step, "attempt": 1,
+                                     "reason": plan.reason})  # fmt: skip
+
     @_traced("enroll")
     async def enroll(
         self,
@@ -206,6 +311,8 @@ class SchedulingService:
         campaign = await self.registry.get(campaign_id)
         target = self._target(campaign, contact_id, timezone)
         _check_attributes(attributes, self.settings.max_attributes_bytes)
+        if not campaign.reentry:
+            return await self._enroll_new(campaign, target, attributes, now or datetime.now(UTC))
         base = 0
         for _ in range(_RACE_RETRIES):
             moment = now or datetime.now(UTC)
@@ -279,31 +386,47 @@ class SchedulingService:
         async def flush() -> None:
             nonlocal total, already, conflict_count, processed
             moment = now or datetime.now(UTC)
-            bases = [0] * len(batch)
+            fast: list[int | str] | None = None
+            items: list[tuple[str, Transition]] = []
+            results: list[Applied] = []
             try:
-                if campaign.reentry:
+                if not campaign.reentry:
+                    # One Lua call per batch: plan, then create every record and job at once.
+                    try:
+                        plan, common, time_field, rows_ = self._new_rows(
+                            campaign, [(t, c) for _, t, c in batch], moment
+                        )
+                    except _RowError as err:
+                        row = processed + err.offset
+                        raise InvalidRow(
+                            f"contacts[{row}]: {err.error}; {how_far(row)}", enrolled=total,
+                            row=row, processed=processed, reason=str(err.error),
+                        ) from None  # fmt: skip
+                    fast = await self.store.create_many(
+                        campaign.id, plan.state.value, common, time_field, rows_
+                    )
+                else:
                     steps = await self.store.records([t.enrollment_id for _, t, _ in batch], "step")
                     bases = [
                         _base_step(r[0], t.enrollment_id)
                         for (_, t, _), r in zip(batch, steps, strict=True)
                     ]
-                items = []
-                for offset, ((cid, t, c), b) in enumerate(zip(batch, bases, strict=True)):
-                    try:
-                        tr = self._enroll_transition(
-                            campaign, t, cid, c.get("attributes"), b, moment
-                        )
-                    except InvalidRequest as exc:
-                        row = processed + offset
-                        raise InvalidRow(
-                            f"contacts[{row}]: {exc}; {how_far(row)}",
-                            enrolled=total,
-                            row=row,
-                            processed=processed,
-                            reason=str(exc),
-                        ) from None
-                    items.append((t.enrollment_id, tr))
-                results = await self.store.apply_many(items)
+                    for offset, ((cid, t, c), b) in enumerate(zip(batch, bases, strict=True)):
+                        try:
+                            tr = self._enroll_transition(
+                                campaign, t, cid, c.get("attributes"), b, moment
+                            )
+                        except InvalidRequest as exc:
+                            row = processed + offset
+                            raise InvalidRow(
+                                f"contacts[{row}]: {exc}; {how_far(row)}",
+                                enrolled=total,
+                                row=row,
+                                processed=processed,
+                                reason=str(exc),
+                            ) from None
+                        items.append((t.enrollment_id, tr))
+                    results = await self.store.apply_many(items)
             except EnrollManyError:
                 raise
             except _WRITE_ERRORS as exc:
@@ -318,6 +441,20 @@ class SchedulingService:
                     processed=processed,
                     reason=reason,
                 ) from exc
+            for offset, code in enumerate(fast or ()):
+                if code == 1:
+                    total += 1
+                    self._created(plan, rows_[offset].enrollment_id, moment)
+                elif code == -2:
+                    conflict_count += 1
+                    if len(conflicts) < 100:
+                        reason = (
+                            f"job {rows_[offset].job_id!r} is still queued from an earlier "
+                            "enrollment with the same id"
+                        )
+                        conflicts.append((processed + offset, batch[offset][0], reason))
+                else:
+                    already += 1
             for offset, ((eid, tr), r) in enumerate(zip(items, results, strict=True)):
                 if r.ok:
                     total += 1
@@ -826,6 +963,15 @@ def _check_record(enrollment_id: str, rec: Mapping[str, str]) -> None:
     tz = rec.get("timezone")
     if tz and zone_problem(tz):
         raise bad("timezone", "is not a known time zone")
+
+
+class _RowError(Exception):
+    """A row of a batch that cannot be planned: which one, and why."""
+
+    def __init__(self, offset: int, error: InvalidRequest) -> None:
+        super().__init__(str(error))
+        self.offset = offset
+        self.error = error
 
 
 def _base_step(raw: str | None, enrollment_id: str) -> int:

@@ -31,6 +31,7 @@ from app.models import EnrollmentStatus, ErrorInfo, HistoryEntry, State, ms_to_d
 __all__ = [
     "Applied",
     "EnrollmentStore",
+    "NewEnrollment",
     "ScriptBatcher",
     "Transition",
     "load_script",
@@ -137,6 +138,18 @@ def _consume(task: asyncio.Task[None]) -> None:
         task.exception()
 
 
+@dataclass(frozen=True)
+class NewEnrollment:
+    """One contact of a batch enrollment, planned: what its record and first job hold."""
+
+    enrollment_id: str
+    job_id: str
+    payload: str
+    due_ms: int
+    attributes: str
+    timezone: str
+
+
 @dataclass
 class Transition:
     """One atomic change of an enrollment; see ``lua/transition.lua`` for the semantics."""
@@ -188,6 +201,7 @@ class EnrollmentStore:
         self._transition = ScriptBatcher(
             redis, redis.register_script(load_script("app", "transition.lua"))
         )
+        self._enroll = redis.register_script(load_script("app", "enroll.lua"))
 
     # -- writes -------------------------------------------------------------------------
 
@@ -263,6 +277,31 @@ class EnrollmentStore:
             if isinstance(raw, Exception):
                 raise raw
             out.append(self._result(raw))
+        return out
+
+    async def create_many(self, campaign_id: str, state: str, common: dict[str, str],
+                          time_field: str, rows: Sequence[NewEnrollment]) -> list[int | str]:  # fmt: skip
+        """Create many records of one campaign that all start in ``state``: one Lua call per
+        shard (``lua/enroll.lua``). Returns, per row: 1 created, -2 its job id is taken,
+        else the state of the record that already exists."""
+        by_shard: dict[int, list[int]] = {}
+        for i, row in enumerate(rows):
+            by_shard.setdefault(self.keys.shard_of(row.enrollment_id), []).append(i)
+        out: list[int | str] = [0] * len(rows)
+        common_json = orjson.dumps(common)
+        for n, indexes in by_shard.items():
+            shard = self.keys.shard(n)
+            keys = [shard.queue, shard.jobs, shard.state_index(campaign_id, state)]
+            packed = []
+            for i in indexes:
+                row = rows[i]
+                keys.append(shard.enrollment(row.enrollment_id))
+                packed.append((row.enrollment_id, row.job_id, row.payload, row.due_ms,
+                               row.attributes, row.timezone))  # fmt: skip
+            args: list[bytes | str] = [common_json, time_field, orjson.dumps(packed)]
+            replies = await self._enroll(keys=keys, args=args)
+            for i, reply in zip(indexes, replies, strict=True):
+                out[i] = _s(reply) if isinstance(reply, bytes) else int(reply)
         return out
 
     # -- reads --------------------------------------------------------------------------

@@ -531,17 +531,17 @@ async def test_enroll_many_stopped_by_redis_says_how_far(
     client: CampaignClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await client.register_campaign(ONE_STEP)
-    real = client.service.store.apply_many
+    real = client.service.store.create_many
     calls = 0
 
-    async def flaky(items: Any) -> Any:
+    async def flaky(*args: Any) -> Any:
         nonlocal calls
         calls += 1
         if calls == 2:
             raise RedisConnectionError("Connection reset by peer")
-        return await real(items)
+        return await real(*args)
 
-    monkeypatch.setattr(client.service.store, "apply_many", flaky)
+    monkeypatch.setattr(client.service.store, "create_many", flaky)
     with pytest.raises(EnrollManyError) as info:
         await client.enroll_many("c", ({"contact_id": f"c{i}"} for i in range(2500)), batch_size=1000)  # fmt: skip
     err = info.value

@@ -1,0 +1,59 @@
+-- Enroll a batch of contacts of one campaign version in one call: for each, create its
+-- record, index it and queue its first job, unless it already has a record (skipped) or
+-- the job id is taken by a leftover job (a conflict). Planning happened in Python; this
+-- only writes. No history list is written: the record says how it started.
+--
+-- KEYS[1] queue  KEYS[2] jobs  KEYS[3] index set of the state the contacts start in
+-- KEYS[4..] the record of each contact, in order
+-- ARGV[1] JSON of the fields every record gets (state, node, step, attempt, version, ...)
+-- ARGV[2] the name of the time field each contact's due time goes in ('run_at', 'deadline'
+--         or '' for none)
+-- ARGV[3] JSON array, per contact: [enrollment id, job id ('' for none), job payload, due
+--         time (ms), attributes JSON, time zone ('' for none)] (one string: packing
+--         thousands of separate arguments costs the client more than the whole script)
+-- Returns one value per contact: 1 enrolled, -2 job id taken, else the state it is in.
+local common = cjson.decode(ARGV[1])
+local time_field = ARGV[2]
+local queue, jobs, index = KEYS[1], KEYS[2], KEYS[3]
+local flat = {}
+for k, v in pairs(common) do
+  flat[#flat + 1] = k
+  flat[#flat + 1] = v
+end
+local rows = cjson.decode(ARGV[3])
+local out = {}
+for i = 4, #KEYS do
+  local row = rows[i - 3]
+  local eid, job, payload, due, attributes, tz = row[1], row[2], row[3], row[4], row[5], row[6]
+  local enr = KEYS[i]
+  local state = redis.call('HGET', enr, 'state')
+  if state then
+    out[#out + 1] = state
+  elseif job ~= '' and redis.call('HEXISTS', jobs, job) == 1 then
+    out[#out + 1] = -2
+  else
+    local fields = {unpack(flat)}
+    fields[#fields + 1] = 'attributes'
+    fields[#fields + 1] = attributes
+    if job ~= '' then
+      fields[#fields + 1] = 'job'
+      fields[#fields + 1] = job
+    end
+    if time_field ~= '' then
+      fields[#fields + 1] = time_field
+      fields[#fields + 1] = string.format('%d', due)
+    end
+    if tz ~= '' then
+      fields[#fields + 1] = 'timezone'
+      fields[#fields + 1] = tz
+    end
+    redis.call('HSET', enr, unpack(fields))
+    redis.call('SADD', index, eid)
+    if job ~= '' then
+      redis.call('HSET', jobs, job, payload)
+      redis.call('ZADD', queue, due, job)
+    end
+    out[#out + 1] = 1
+  end
+end
+return out
