@@ -142,15 +142,22 @@ class SchedulingService:
         """See :meth:`app.planner.Planner.transition`."""
         return self.planner.transition(plan, target, **kwargs)
 
-    async def _apply(self, enrollment_id: str, tr: Transition) -> Applied:
+    @staticmethod
+    def _annotate(enrollment_id: str, state: str | None, job_id: str | None, node: Any) -> None:
+        """What the current (producer) span says about the change it makes."""
         span = trace.get_current_span()
         if span.is_recording():
             span.set_attribute("campaign.enrollment_id", enrollment_id)
-            if tr.new_state:
-                span.set_attribute("campaign.to_state", tr.new_state)
-            if tr.add_job is not None:
-                span.set_attribute("messaging.message.id", tr.add_job.id)
-                span.set_attribute("campaign.node", str(tr.add_job.kwargs.get("node")))
+            if state:
+                span.set_attribute("campaign.to_state", state)
+            if job_id:
+                span.set_attribute("messaging.message.id", job_id)
+                span.set_attribute("campaign.node", str(node))
+
+    async def _apply(self, enrollment_id: str, tr: Transition) -> Applied:
+        job = tr.add_job
+        self._annotate(enrollment_id, tr.new_state, job.id if job else None,
+                       job.kwargs.get("node") if job else None)  # fmt: skip
         result = await self.store.apply(enrollment_id, tr)
         if result.ok and self.on_transition is not None:
             for entry in tr.history:
@@ -270,6 +277,7 @@ class SchedulingService:
         [result] = await self.store.create_many(campaign.id, plan.state.value, common,
                                                 time_field, rows)  # fmt: skip
         eid = target.enrollment_id
+        self._annotate(eid, plan.state.value, rows[0].job_id or None, plan.node)
         if result == -2:
             raise InvalidRequest(
                 f"cannot enroll {target.enrollment_id.partition(':')[2]!r}: job "
