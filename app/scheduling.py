@@ -8,6 +8,7 @@ one place.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import re
@@ -391,29 +392,84 @@ class SchedulingService:
                 f"nothing written from row {processed} on"
             )
 
+        pending: tuple[asyncio.Task[list[int | str]], Plan, list[NewEnrollment], list[str],
+                       datetime] | None = None  # fmt: skip
+
+        def write_failed(exc: BaseException, size: int) -> EnrollManyError:
+            last = processed + size - 1
+            reason = f"writing rows {processed}-{last} failed: {type(exc).__name__}: {exc}"
+            return EnrollManyError(
+                f"contacts[{processed}]: {reason}; {how_far(processed)} (rows "
+                f"{processed}-{last} may be partly enrolled; enrolling the same rows again "
+                "is safe)",
+                enrolled=total,
+                row=processed,
+                processed=processed,
+                reason=reason,
+            )
+
+        async def settle() -> None:
+            """Count the batch whose write is in flight (raising if it failed)."""
+            nonlocal pending, total, already, conflict_count, processed
+            if pending is None:
+                return
+            task, plan, rows_, cids, moment = pending
+            pending = None
+            try:
+                codes = await task
+            except _WRITE_ERRORS as exc:
+                raise write_failed(exc, len(rows_)) from exc
+            for offset, code in enumerate(codes):
+                if code == 1:
+                    total += 1
+                    self._created(plan, rows_[offset].enrollment_id, moment)
+                elif code == -2:
+                    conflict_count += 1
+                    if len(conflicts) < 100:
+                        reason = (
+                            f"job {rows_[offset].job_id!r} is still queued from an earlier "
+                            "enrollment with the same id"
+                        )
+                        conflicts.append((processed + offset, cids[offset], reason))
+                else:
+                    already += 1
+            processed += len(rows_)
+
+        async def flush_fast() -> None:
+            """Plan this batch while the previous one is written (one Lua call each), so
+            the client's Python and Redis work at the same time."""
+            nonlocal pending
+            moment = now or datetime.now(UTC)
+            try:
+                plan, common, time_field, rows_ = self._new_rows(
+                    campaign, [(t, c) for _, t, c in batch], moment
+                )
+            except _RowError as err:
+                await settle()
+                row = processed + err.offset
+                raise InvalidRow(
+                    f"contacts[{row}]: {err.error}; {how_far(row)}", enrolled=total,
+                    row=row, processed=processed, reason=str(err.error),
+                ) from None  # fmt: skip
+            await settle()
+            task = asyncio.ensure_future(
+                self.store.create_many(campaign.id, plan.state.value, common, time_field, rows_)
+            )
+            task.add_done_callback(_retrieved)
+            pending = (task, plan, rows_, [cid for cid, _, _ in batch], moment)
+            batch.clear()
+
         async def flush() -> None:
             nonlocal total, already, conflict_count, processed
+            if not campaign.reentry:
+                await flush_fast()
+                return
             moment = now or datetime.now(UTC)
-            fast: list[int | str] | None = None
             items: list[tuple[str, Transition]] = []
             results: list[Applied] = []
             try:
-                if not campaign.reentry:
-                    # One Lua call per batch: plan, then create every record and job at once.
-                    try:
-                        plan, common, time_field, rows_ = self._new_rows(
-                            campaign, [(t, c) for _, t, c in batch], moment
-                        )
-                    except _RowError as err:
-                        row = processed + err.offset
-                        raise InvalidRow(
-                            f"contacts[{row}]: {err.error}; {how_far(row)}", enrolled=total,
-                            row=row, processed=processed, reason=str(err.error),
-                        ) from None  # fmt: skip
-                    fast = await self.store.create_many(
-                        campaign.id, plan.state.value, common, time_field, rows_
-                    )
-                else:
+                # re-entry: one transition per contact (its base step decides its job ids)
+                if campaign.reentry:
                     steps = await self.store.records([t.enrollment_id for _, t, _ in batch], "step")
                     bases = [
                         _base_step(r[0], t.enrollment_id)
@@ -438,31 +494,7 @@ class SchedulingService:
             except EnrollManyError:
                 raise
             except _WRITE_ERRORS as exc:
-                last = processed + len(batch) - 1
-                reason = f"writing rows {processed}-{last} failed: {type(exc).__name__}: {exc}"
-                raise EnrollManyError(
-                    f"contacts[{processed}]: {reason}; {how_far(processed)} (rows "
-                    f"{processed}-{last} may be partly enrolled; enrolling the same rows again "
-                    "is safe)",
-                    enrolled=total,
-                    row=processed,
-                    processed=processed,
-                    reason=reason,
-                ) from exc
-            for offset, code in enumerate(fast or ()):
-                if code == 1:
-                    total += 1
-                    self._created(plan, rows_[offset].enrollment_id, moment)
-                elif code == -2:
-                    conflict_count += 1
-                    if len(conflicts) < 100:
-                        reason = (
-                            f"job {rows_[offset].job_id!r} is still queued from an earlier "
-                            "enrollment with the same id"
-                        )
-                        conflicts.append((processed + offset, batch[offset][0], reason))
-                else:
-                    already += 1
+                raise write_failed(exc, len(batch)) from exc
             for offset, ((eid, tr), r) in enumerate(zip(items, results, strict=True)):
                 if r.ok:
                     total += 1
@@ -488,6 +520,7 @@ class SchedulingService:
             except StopIteration:
                 break
             except Exception as exc:
+                await settle()  # the batch in flight counts in what was enrolled
                 row = index + 1
                 reason = f"reading the contacts failed: {type(exc).__name__}: {exc}"
                 kind = InvalidRow if isinstance(exc, InvalidRequest) else EnrollManyError
@@ -506,6 +539,7 @@ class SchedulingService:
                 target = self._target(campaign, cid, contact.get("timezone"))
                 _check_attributes(contact.get("attributes"), self.settings.max_attributes_bytes)
             except InvalidRequest as exc:
+                await settle()
                 raise InvalidRow(
                     f"contacts[{index}]: {exc}; {how_far(index)}",
                     enrolled=total,
@@ -518,6 +552,7 @@ class SchedulingService:
                 await flush()
         if batch:
             await flush()
+        await settle()
         return EnrollManyResult(total, already_enrolled=already, conflicts=tuple(conflicts),
                                 conflict_count=conflict_count)  # fmt: skip
 
@@ -971,6 +1006,13 @@ def _check_record(enrollment_id: str, rec: Mapping[str, str]) -> None:
     tz = rec.get("timezone")
     if tz and zone_problem(tz):
         raise bad("timezone", "is not a known time zone")
+
+
+def _retrieved(task: asyncio.Task[Any]) -> None:
+    """A write left in flight by an enroll_many that stopped early: its error is not lost
+    as "never retrieved" noise (the caller was told how far it got)."""
+    if not task.cancelled():
+        task.exception()
 
 
 class _RowError(Exception):
