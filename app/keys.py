@@ -16,6 +16,7 @@ touches one slot. Campaign definitions live in a slot of their own (``{c}``).
     <prefix>:{c}:campaigns          SET campaign ids
     <prefix>:workers                ZSET worker id -> last heartbeat (epoch s)
     <prefix>:shards                 STRING the shard count the data was written with
+    <prefix>:reconcile              STRING where the reconciler's walk stopped
 """
 
 from __future__ import annotations
@@ -112,6 +113,11 @@ class Keys:
     def workers(self) -> str:
         """Sorted set of worker ids scored by their last heartbeat (epoch seconds)."""
         return f"{self.prefix}:workers"
+
+    @property
+    def reconcile_cursor(self) -> str:
+        """Where the reconciler's walk stopped (it goes on from there next run)."""
+        return f"{self.prefix}:reconcile"
 
     @property
     def shard_count(self) -> str:

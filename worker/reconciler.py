@@ -4,14 +4,18 @@ A periodic arq cron job (one worker at a time: its job id is unique per tick) wa
 state index sets of ``scheduled``, ``waiting`` and ``running`` enrollments in slices and
 repairs any whose current job is neither queued nor leased: a job lost in a Redis crash
 window, a dead-lettered payload, or a bug. The check is repeated atomically inside the
-repair, so a job that was only moving between the queue and a lease is left alone.
+repair, so a job that was only moving between the queue and a lease is left alone. Each
+run walks for at most ``RUN_BUDGET`` seconds and the next goes on from where it stopped,
+so a run stays short however many enrollments there are.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
+import orjson
 from arq.cron import CronJob, cron
 
 from app.models import State
@@ -21,41 +25,79 @@ from app.store import with_derived
 from worker.metrics import metrics
 from worker.redis_errors import is_redis_error
 
-__all__ = ["SLICE", "reconcile", "reconcile_cron"]
+__all__ = ["RUN_BUDGET", "SLICE", "reconcile", "reconcile_cron", "reconcile_run"]
 
 log = logging.getLogger("worker.reconciler")
 
 SLICE = 500
+#: Seconds one scheduled run may walk before it leaves the rest to the next run.
+RUN_BUDGET = 10.0
 _FIELDS = ("state", "job", "step", "attempt", "campaign", "version", "timezone", "base_step",
            "node", "run_at", "deadline")  # fmt: skip
 _STATES = (State.SCHEDULED.value, State.WAITING.value, State.RUNNING.value)
 
 
-async def reconcile(ctx: dict[str, Any]) -> dict[str, int]:
-    """One pass over every active enrollment; returns how many were repaired, by state."""
+async def reconcile(ctx: dict[str, Any], budget: float | None = None) -> dict[str, int]:
+    """Walk the active enrollments from where the last run stopped, for at most ``budget``
+    seconds (``RUN_BUDGET``; None: to the end), and repair what lacks a job. The position
+    is kept in Redis, so with millions of enrollments each run takes one bounded part of
+    the walk and a full cycle spans several runs. Returns how many were repaired, by state.
+    """
     service: SchedulingService = ctx["service"]
+    redis = service.redis
+    deadline = None if budget is None else time.monotonic() + budget
+    position_key = service.keys.reconcile_cursor
+    raw = await redis.get(position_key)
+    start = _position(raw)
     repaired = dict.fromkeys(_STATES, 0)
     checked = 0
-    for campaign_id in await service.registry.ids():
-        for shard in service.keys.all_shards():
-            for state in _STATES:
-                cursor: int = 0
-                while True:
-                    cursor, members = await service.redis.sscan(
-                        shard.state_index(campaign_id, state), cursor, count=SLICE
-                    )
-                    ids = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
-                    checked += len(ids)
-                    if ids:
-                        for found, n in (await _check_slice(service, ids)).items():
-                            repaired[found] += n
-                    if int(cursor) == 0:
-                        break
-    if any(repaired.values()):
-        log.warning(
-            "reconciler repaired enrollments", extra={"repaired": repaired, "checked": checked}
-        )
+    campaigns = await service.registry.ids()
+    walk = [(c, n, st) for c in campaigns for n in range(service.keys.shards) for st in _STATES]
+    first = next((i for i, w in enumerate(walk) if w[:3] == start[:3]), 0) if start else 0
+    cursor = start[3] if start and first < len(walk) and walk[first][:3] == start[:3] else 0
+    for campaign_id, n, state in walk[first:]:
+        key = service.keys.shard(n).state_index(campaign_id, state)
+        while True:
+            cursor, members = await redis.sscan(key, cursor, count=SLICE)
+            ids = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+            checked += len(ids)
+            if ids:
+                for found, count in (await _check_slice(service, ids)).items():
+                    repaired[found] += count
+            if int(cursor) == 0:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                # Out of time: the next run goes on from here.
+                await redis.set(position_key, orjson.dumps([campaign_id, n, state, int(cursor)]))
+                _report(repaired, checked, done=False)
+                return repaired
+        cursor = 0
+    await redis.delete(position_key)  # a whole cycle done: the next run starts over
+    _report(repaired, checked, done=True)
     return repaired
+
+
+async def reconcile_run(ctx: dict[str, Any]) -> dict[str, int]:
+    """The scheduled run: :func:`reconcile` for at most ``RUN_BUDGET`` seconds."""
+    return await reconcile(ctx, RUN_BUDGET)
+
+
+def _position(raw: bytes | None) -> tuple[str, int, str, int] | None:
+    try:
+        campaign_id, n, state, cursor = orjson.loads(raw) if raw else (None, 0, "", 0)
+    except (ValueError, TypeError):
+        return None  # unreadable: start over
+    if campaign_id is None:
+        return None
+    return str(campaign_id), int(n), str(state), int(cursor)
+
+
+def _report(repaired: dict[str, int], checked: int, *, done: bool) -> None:
+    extra = {"repaired": repaired, "checked": checked, "cycle_done": done}
+    if any(repaired.values()):
+        log.warning("reconciler repaired enrollments", extra=extra)
+    else:
+        log.info("reconciler run", extra=extra)
 
 
 async def _check_slice(service: SchedulingService, ids: list[str]) -> dict[str, int]:
@@ -129,7 +171,7 @@ def reconcile_cron(settings: Settings) -> CronJob:
     else:
         when = {"minute": set(range(0, 60, every // 60)) if every < 3600 else {0}, "second": 0}
     return cron(
-        reconcile,
+        reconcile_run,
         name=f"{settings.key_prefix}:reconcile",
         keep_result=float(every),
         max_tries=1,

@@ -54,3 +54,21 @@ async def test_a_running_step_with_no_lease_goes_back_to_scheduled(client: Campa
     status = await client.status(st.enrollment_id)
     assert status.state == "scheduled" and status.attempt == 1
     assert claim.job_id in await queued(client.redis, client.service.keys)
+
+
+async def test_a_run_out_of_time_is_resumed_by_the_next(client: CampaignClient) -> None:
+    await client.register_campaign(WAIT)
+    n = 1200
+    await client.enroll_many("w", ({"contact_id": f"p{i:04d}"} for i in range(n)))
+    shard = client.service.keys.shard(0)
+    await client.redis.delete(shard.queue, shard.jobs)  # every job lost
+    totals, runs = 0, 0
+    while True:
+        runs += 1
+        repaired = await reconcile({"service": client.service}, budget=0)  # one slice a run
+        totals += repaired["waiting"]
+        if not await client.redis.exists(client.service.keys.reconcile_cursor):
+            break
+        assert runs < 50
+    assert runs > 1 and totals == n
+    assert len(await queued(client.redis, client.service.keys)) == n
