@@ -136,7 +136,7 @@ class JobPayload:
         )
         if function == STEP_FUNCTION and attempt is None:
             raise MalformedJob("a: expected an attempt number")
-        if not isinstance(kwargs, dict) or not isinstance(kwargs.get("campaign", ""), str):
+        if not isinstance(kwargs, dict) or not isinstance(kwargs.get("campaign", "?"), str):
             raise MalformedJob("k: expected campaign and version")
         version = _whole(kwargs.get("version"), "k: version")
         node, tz = kwargs.get("node"), kwargs.get("tz")
@@ -148,7 +148,7 @@ class JobPayload:
         ):
             raise MalformedJob("k: otel must be an object of strings")
         enrollment_id: str = args[0]
-        campaign: str = kwargs.get("campaign") or split_enrollment_id(enrollment_id)[0]
+        campaign: str = kwargs.get("campaign", split_enrollment_id(enrollment_id)[0])
         if not campaign or not enrollment_id.startswith(campaign + ":"):
             raise MalformedJob("a: enrollment id does not belong to the campaign")
         expected = (

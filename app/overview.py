@@ -101,6 +101,7 @@ class _Position:
             or state not in states
             or not 0 <= shard < shards
             or min(scan, count, until) < 0
+            or max(scan, until) >= 2**64
             or count > max(MAX_LIMIT, _FILTERED_COUNT)
             or (after and count < 1)
         ):

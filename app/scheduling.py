@@ -272,9 +272,12 @@ class SchedulingService:
     ) -> EnrollmentStatus:  # fmt: skip
         """One round trip: create the record and its job, and build the status from what
         was written (a campaign without re-entry never replaces a record)."""
-        plan, common, time_field, rows = self._new_rows(
-            campaign, [(target, {"attributes": attributes})], now
-        )
+        try:
+            plan, common, time_field, rows = self._new_rows(
+                campaign, [(target, {"attributes": attributes})], now
+            )
+        except _RowError as err:
+            raise err.error from None
         [result] = await self.store.create_many(campaign.id, plan.state.value, common,
                                                 time_field, rows)  # fmt: skip
         eid = target.enrollment_id
@@ -469,28 +472,27 @@ class SchedulingService:
             results: list[Applied] = []
             try:
                 # re-entry: one transition per contact (its base step decides its job ids)
-                if campaign.reentry:
-                    steps = await self.store.records([t.enrollment_id for _, t, _ in batch], "step")
-                    bases = [
-                        _base_step(r[0], t.enrollment_id)
-                        for (_, t, _), r in zip(batch, steps, strict=True)
-                    ]
-                    for offset, ((cid, t, c), b) in enumerate(zip(batch, bases, strict=True)):
-                        try:
-                            tr = self._enroll_transition(
-                                campaign, t, cid, c.get("attributes"), b, moment
-                            )
-                        except InvalidRequest as exc:
-                            row = processed + offset
-                            raise InvalidRow(
-                                f"contacts[{row}]: {exc}; {how_far(row)}",
-                                enrolled=total,
-                                row=row,
-                                processed=processed,
-                                reason=str(exc),
-                            ) from None
-                        items.append((t.enrollment_id, tr))
-                    results = await self.store.apply_many(items)
+                steps = await self.store.records([t.enrollment_id for _, t, _ in batch], "step")
+                bases = [
+                    _base_step(r[0], t.enrollment_id)
+                    for (_, t, _), r in zip(batch, steps, strict=True)
+                ]
+                for offset, ((cid, t, c), b) in enumerate(zip(batch, bases, strict=True)):
+                    try:
+                        tr = self._enroll_transition(
+                            campaign, t, cid, c.get("attributes"), b, moment
+                        )
+                    except InvalidRequest as exc:
+                        row = processed + offset
+                        raise InvalidRow(
+                            f"contacts[{row}]: {exc}; {how_far(row)}",
+                            enrolled=total,
+                            row=row,
+                            processed=processed,
+                            reason=str(exc),
+                        ) from None
+                    items.append((t.enrollment_id, tr))
+                results = await self.store.apply_many(items)
             except EnrollManyError:
                 raise
             except _WRITE_ERRORS as exc:
@@ -715,7 +717,7 @@ class SchedulingService:
                  "step": 0, "attempt": None, "reason": f"CorruptRecord: {reason}"[:500]}  # fmt: skip
         tr = Transition(
             campaign_id=enrollment_id.partition(":")[0], expect_states=(state,),
-            expect_job=rec.get("job") or None, repair=True,
+            expect_job=rec.get("job") or None,
             set={"state": State.FAILED.value, "updated_at": str(at),
                  "error": orjson.dumps(error).decode()},
             unset=["job"], history=[entry],

@@ -348,10 +348,11 @@ async def _checked_keys(client: CampaignClient) -> Keys:
     matches the count the data was written with (else the numbers would be wrong)."""
     settings = client.settings
     keys = Keys(settings.key_prefix, settings.shards)
-    recorded = await client.redis.get(keys.shard_count)
-    if recorded is not None and int(recorded) != settings.shards:
+    raw = await client.redis.get(keys.shard_count)
+    recorded = raw.decode("utf-8", "replace") if raw is not None else None
+    if recorded is not None and recorded != str(settings.shards):
         raise ConfigError(
-            f"CAMPAIGN_SHARDS: this Redis holds {int(recorded)} shard(s) under prefix "
+            f"CAMPAIGN_SHARDS: this Redis holds {recorded[:20]!r} shard(s) under prefix "
             f"{settings.key_prefix!r} (key {keys.shard_count}), not {settings.shards}"
         )
     return keys

@@ -48,7 +48,7 @@ async def reconcile(ctx: dict[str, Any], budget: float | None = None) -> dict[st
     deadline = None if budget is None else time.monotonic() + budget
     position_key = service.keys.reconcile_cursor
     raw = await redis.get(position_key)
-    start = _position(raw)
+    start = _position(raw, service.keys.shards)
     repaired = dict.fromkeys(_STATES, 0)
     checked = 0
     campaigns = await service.registry.ids()
@@ -72,24 +72,38 @@ async def reconcile(ctx: dict[str, Any], budget: float | None = None) -> dict[st
                 _report(repaired, checked, done=False)
                 return repaired
         cursor = 0
+        if deadline is not None and time.monotonic() >= deadline:  # small sets end in one call
+            following = walk.index((campaign_id, n, state)) + 1
+            if following < len(walk):
+                await redis.set(position_key, orjson.dumps([*walk[following], 0]))
+                _report(repaired, checked, done=False)
+                return repaired
     await redis.delete(position_key)  # a whole cycle done: the next run starts over
     _report(repaired, checked, done=True)
     return repaired
 
 
 async def reconcile_run(ctx: dict[str, Any]) -> dict[str, int]:
-    """The scheduled run: :func:`reconcile` for at most ``RUN_BUDGET`` seconds."""
-    return await reconcile(ctx, RUN_BUDGET)
+    """The scheduled run: :func:`reconcile` for at most ``RUN_BUDGET`` seconds, and well
+    inside its tick, so that two runs never walk at the same time."""
+    every = ctx["settings"].reconcile_every if "settings" in ctx else RUN_BUDGET
+    return await reconcile(ctx, min(RUN_BUDGET, 0.8 * every))
 
 
-def _position(raw: bytes | None) -> tuple[str, int, str, int] | None:
+def _position(raw: bytes | None, shards: int) -> tuple[str, int, str, int] | None:
+    """Where the last run stopped, or None to start over (none stored, or unreadable)."""
     try:
         campaign_id, n, state, cursor = orjson.loads(raw) if raw else (None, 0, "", 0)
     except (ValueError, TypeError):
-        return None  # unreadable: start over
-    if campaign_id is None:
         return None
-    return str(campaign_id), int(n), str(state), int(cursor)
+    if (
+        not isinstance(campaign_id, str)
+        or not isinstance(n, int) or not 0 <= n < shards
+        or state not in _STATES
+        or not isinstance(cursor, int) or not 0 <= cursor < 2**63
+    ):  # fmt: skip
+        return None
+    return campaign_id, n, state, cursor
 
 
 def _report(repaired: dict[str, int], checked: int, *, done: bool) -> None:

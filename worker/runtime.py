@@ -89,8 +89,9 @@ async def check_shard_count(redis: ArqRedis, settings: Settings) -> None:
     look for enrollments in the wrong shards."""
     key = Keys(settings.key_prefix).shard_count
     await redis.set(key, settings.shards, nx=True)
-    recorded = int(await redis.get(key) or settings.shards)
-    if recorded != settings.shards:
+    raw = await redis.get(key)
+    recorded = raw.decode("utf-8", "replace") if raw is not None else str(settings.shards)
+    if recorded != str(settings.shards):
         raise ConfigError(
             f"CAMPAIGN_SHARDS: this Redis holds {recorded} shard(s) under prefix "
             f"{settings.key_prefix!r} (key {key}), not {settings.shards}"

@@ -32,6 +32,7 @@ for i = 4, #KEYS do
   elseif job ~= '' and redis.call('HEXISTS', jobs, job) == 1 then
     out[#out + 1] = -2
   else
+    redis.call('DEL', enr)  -- a hash without a state is debris: nothing of it is kept
     local fields = {unpack(flat)}
     fields[#fields + 1] = 'attributes'
     fields[#fields + 1] = attributes

@@ -526,3 +526,24 @@ async def test_two_key_prefixes_on_one_redis_keep_apart(
         assert (await client.service.store.count_by_state("w"))["cancelled"] == 1
         assert (await other.service.store.count_by_state("w"))["scheduled"] == 1
         assert (await other.service.store.count_by_state("w"))["cancelled"] == 0
+
+
+async def test_enroll_past_the_calendar_horizon_is_a_named_error(client: CampaignClient) -> None:
+    from datetime import UTC, datetime
+
+    from app.errors import InvalidRequest
+
+    await client.register_campaign({"id": "far", "entry": "d", "nodes": {
+        "d": {"type": "delay", "duration": "P3650D", "next": None}}})  # fmt: skip
+    with pytest.raises(InvalidRequest, match="cannot schedule"):  # past year 9999
+        await client.service.enroll("far", "k", now=datetime(9995, 1, 1, tzinfo=UTC))
+
+
+async def test_enroll_over_a_stateless_hash_keeps_nothing_of_it(client: CampaignClient) -> None:
+    await client.register_campaign(ONE_STEP)
+    key = client.service.keys.enrollment("c:x")
+    await client.redis.hset(key, mapping={"error": "{}", "base_step": "7"})  # debris
+    status = await client.enroll("c", "x")
+    assert status.error is None and status.step == 1
+    raw = await client.redis.hgetall(key)
+    assert b"error" not in raw and b"base_step" not in raw

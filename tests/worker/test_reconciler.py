@@ -72,3 +72,28 @@ async def test_a_run_out_of_time_is_resumed_by_the_next(client: CampaignClient) 
         assert runs < 50
     assert runs > 1 and totals == n
     assert len(await queued(client.redis, client.service.keys)) == n
+
+
+async def test_many_small_sets_still_end_a_run_on_time(client: CampaignClient) -> None:
+    for c in range(30):  # small sets come back whole from one SSCAN
+        await client.register_campaign({**WAIT, "id": f"w{c:02d}"})
+        await client.enroll_many(f"w{c:02d}", ({"contact_id": f"p{i}"} for i in range(5)))
+    repaired = await reconcile({"service": client.service}, budget=0)
+    assert repaired == {"scheduled": 0, "waiting": 0, "running": 0}
+    position = await client.redis.get(client.service.keys.reconcile_cursor)
+    assert position is not None  # stopped after the first set and kept its place
+    assert orjson.loads(position)[0] == "w00"
+
+
+async def test_a_corrupt_position_starts_the_walk_over(client: CampaignClient) -> None:
+    await client.register_campaign(WAIT)
+    await client.enroll("w", "p")
+    shard = client.service.keys.shard(0)
+    await client.redis.delete(shard.queue, shard.jobs)
+    for bad in (b"abcd", b'["w","x","waiting",0]', b'["w",0,"waiting",18446744073709551616]',
+                b'{"a":1}', b'["w",5,"waiting",0]'):  # fmt: skip
+        await client.redis.set(client.service.keys.reconcile_cursor, bad)
+        await reconcile({"service": client.service})
+        assert not await client.redis.exists(client.service.keys.reconcile_cursor)
+    assert (await client.status("w:p")).state == "waiting"
+    assert len(await queued(client.redis, client.service.keys)) == 1
