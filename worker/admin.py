@@ -352,7 +352,7 @@ async def _checked_keys(client: CampaignClient) -> Keys:
     recorded = raw.decode("utf-8", "replace") if raw is not None else None
     if recorded is not None and recorded != str(settings.shards):
         raise ConfigError(
-            f"CAMPAIGN_SHARDS: this Redis holds {recorded[:20]!r} shard(s) under prefix "
+            f"CAMPAIGN_SHARDS: this Redis holds {recorded[:20]} shard(s) under prefix "
             f"{settings.key_prefix!r} (key {keys.shard_count}), not {settings.shards}"
         )
     return keys
