@@ -22,7 +22,8 @@
 -- Returns {1, new_state} | {0, state, step} precondition failed | {-1} no such enrollment
 --       | {-2, job_id} job id taken by another enrollment | {-3} current job is not orphaned
 -- A new enrollment's record says how it started (created_at, its first state and node),
--- so its history list is only made at its first move, starting with that entry.
+-- so its history list is only made at its first move, starting with that entry. (The same
+-- function is in worker/lua/claim.lua: scripts cannot share code.)
 local function start_history(hist, enr)
   if redis.call('EXISTS', hist) == 1 then return end
   local r = redis.call('HMGET', enr, 'created_at', 'state', 'node', 'step', 'attempt')

@@ -8,36 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 
 from app import CampaignClient
 from app.jobs import JobTarget
 from app.settings import Settings
 from tests.conftest import ROOT
 from tests.queue_view import claim_one
-from worker.cli import main
-
-
-@pytest.fixture
-def cli(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> Any:
-    monkeypatch.setenv("REDIS_URL", settings.redis_url.get_secret_value())
-    monkeypatch.setenv("CAMPAIGN_LOG_LEVEL", "WARNING")
-
-    async def flush() -> None:
-        async with CampaignClient(settings=settings) as c:
-            await c.redis.flushall()
-
-    asyncio.run(flush())
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        code = main(list(argv))
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
-
 
 SIMPLE = {"id": "simple", "entry": "w",
           "nodes": {"w": {"type": "wait", "event": "replied", "timeout": "P1D", "on_event": "done"},

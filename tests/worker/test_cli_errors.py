@@ -17,31 +17,8 @@ from app import CampaignClient
 from app.settings import Settings
 from tests.conftest import subprocess_env
 from tests.worker.test_cli import SIMPLE
-from worker.cli import main
 
 EXE = str(Path(sys.executable).parent / "campaign-worker")
-
-
-@pytest.fixture
-def cli(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> Any:
-    """``campaign-worker ARGS`` in-process on an emptied private Redis: (code, out, err)."""
-    monkeypatch.setenv("REDIS_URL", settings.redis_url.get_secret_value())
-    monkeypatch.setenv("CAMPAIGN_LOG_LEVEL", "WARNING")
-
-    async def flush() -> None:
-        async with CampaignClient(settings=settings) as c:
-            await c.redis.flushall()
-
-    asyncio.run(flush())
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        code = main(list(argv))
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
 
 
 def one_line(err: str) -> str:

@@ -13,7 +13,6 @@ from app import CampaignClient
 from app.keys import Keys
 from app.settings import Settings
 from tests.queue_view import claim_due
-from worker.cli import main
 
 WAIT = {"id": "simple", "entry": "w", "nodes": {
     "w": {"type": "wait", "event": "replied", "timeout": "P1D", "on_event": "done"},
@@ -22,29 +21,6 @@ ACTION = {"id": "act", "entry": "a", "nodes": {
     "a": {"type": "action", "action": "log", "next": None}}}  # fmt: skip
 #: Nothing listens there: a command that used it would say "redis unreachable".
 UNREACHABLE = "redis://127.0.0.1:1/0"
-
-
-@pytest.fixture
-def cli(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> Any:
-    """``campaign-worker ARGS`` in-process on an emptied private Redis: (code, out, err)."""
-    monkeypatch.setenv("REDIS_URL", settings.redis_url.get_secret_value())
-    monkeypatch.setenv("CAMPAIGN_LOG_LEVEL", "WARNING")
-    monkeypatch.delenv("CAMPAIGN_SHARDS", raising=False)
-
-    async def flush() -> None:
-        async with CampaignClient(settings=settings) as c:
-            await c.redis.flushall()
-
-    asyncio.run(flush())
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        code = main(list(argv))
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
 
 
 def populate(settings: Settings) -> None:

@@ -20,7 +20,8 @@ local hist_limit, dead_keep = tonumber(ARGV[4]), tonumber(ARGV[5])
 local out = {-1}
 
 -- A new enrollment's record says how it started (created_at, its first state and node),
--- so its history list is only made at its first move, starting with that entry.
+-- so its history list is only made at its first move, starting with that entry. (The same
+-- function is in app/lua/transition.lua: scripts cannot share code.)
 local function start_history(hist, enr)
   if redis.call('EXISTS', hist) == 1 then return end
   local r = redis.call('HMGET', enr, 'created_at', 'state', 'node', 'step', 'attempt')
