@@ -16,7 +16,7 @@ CASES = [
     (
         ["bench/enroll.py", "--contacts", "300", "--batch", "100", "--single", "20", "--runs", "1"],
         "enroll_many",
-    ),  # fmt: skip
+    ),
     (["bench/memory.py", "--contacts", "300"], "bytes per enrollment"),
     (["bench/scale.py", "--sizes", "300"], "bytes per enrollment"),
 ]
