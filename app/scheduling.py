@@ -411,9 +411,25 @@ class SchedulingService:
                 reason=reason,
             )
 
+        def tally(offset: int, enrolled: bool, conflict: str | None, cids: list[str]) -> None:
+            """Count one row's outcome: enrolled, its job id taken, or already enrolled."""
+            nonlocal total, already, conflict_count
+            if enrolled:
+                total += 1
+            elif conflict:
+                conflict_count += 1
+                if len(conflicts) < 100:
+                    reason = (
+                        f"job {conflict!r} is still queued from an earlier enrollment with "
+                        "the same id"
+                    )
+                    conflicts.append((processed + offset, cids[offset], reason))
+            else:
+                already += 1
+
         async def settle() -> None:
             """Count the batch whose write is in flight (raising if it failed)."""
-            nonlocal pending, total, already, conflict_count, processed
+            nonlocal pending, processed
             if pending is None:
                 return
             task, plan, rows_, cids, moment = pending
@@ -424,18 +440,8 @@ class SchedulingService:
                 raise write_failed(exc, len(rows_)) from exc
             for offset, code in enumerate(codes):
                 if code == 1:
-                    total += 1
                     self._created(plan, rows_[offset].enrollment_id, moment)
-                elif code == -2:
-                    conflict_count += 1
-                    if len(conflicts) < 100:
-                        reason = (
-                            f"job {rows_[offset].job_id!r} is still queued from an earlier "
-                            "enrollment with the same id"
-                        )
-                        conflicts.append((processed + offset, cids[offset], reason))
-                else:
-                    already += 1
+                tally(offset, code == 1, rows_[offset].job_id if code == -2 else None, cids)
             processed += len(rows_)
 
         async def flush_fast() -> None:
@@ -463,7 +469,7 @@ class SchedulingService:
             batch.clear()
 
         async def flush() -> None:
-            nonlocal total, already, conflict_count, processed
+            nonlocal processed
             if not campaign.reentry:
                 await flush_fast()
                 return
@@ -497,21 +503,11 @@ class SchedulingService:
                 raise
             except _WRITE_ERRORS as exc:
                 raise write_failed(exc, len(batch)) from exc
+            cids = [cid for cid, _, _ in batch]
             for offset, ((eid, tr), r) in enumerate(zip(items, results, strict=True)):
-                if r.ok:
-                    total += 1
-                    if self.on_transition is not None:
-                        self.on_transition(eid, tr.history[0])
-                elif r.job_conflict:
-                    conflict_count += 1
-                    if len(conflicts) < 100:
-                        reason = (
-                            f"job {r.job_conflict!r} is still queued from an earlier "
-                            "enrollment with the same id"
-                        )
-                        conflicts.append((processed + offset, batch[offset][0], reason))
-                else:
-                    already += 1
+                if r.ok and self.on_transition is not None:
+                    self.on_transition(eid, tr.history[0])
+                tally(offset, r.ok, r.job_conflict, cids)
             processed += len(batch)
             batch.clear()
 
