@@ -98,6 +98,19 @@ class Job:
         """arq's JSON job format."""
         return job_payload(self.function, self.args, self.kwargs, enqueue_ms, 1)
 
+    def retarget(self, enrollment_id: str) -> Job:
+        """The same job for another enrollment (a plan made once for many contacts)."""
+        if self.args[0] == enrollment_id:
+            return self
+        step = self.args[1]
+        job_id = (
+            step_job_id(enrollment_id, step, self.args[2])
+            if self.function == STEP_FUNCTION
+            else timeout_job_id(enrollment_id, step)
+        )
+        return Job(job_id, self.function, [enrollment_id, *self.args[1:]], self.kwargs,
+                   self.score_ms)  # fmt: skip
+
 
 class MalformedJob(ValueError):
     """A queued payload does not have the shape of a campaign job; the message says why."""

@@ -35,17 +35,13 @@ from app.errors import (
     InvalidRow,
 )
 from app.jobs import (
-    STEP_FUNCTION,
     JobTarget,
     enrollment_id_for,
-    step_job_id,
-    timeout_job_id,
 )
 from app.keys import Keys
 from app.models import ACTIVE_STATES, EnrollManyResult, EnrollmentStatus, State
 from app.planner import Plan, Planner, ms
 from app.registry import CampaignRegistry
-from app.serialization import job_payload
 from app.settings import Settings
 from app.store import (
     Applied,
@@ -118,30 +114,12 @@ class SchedulingService:
         self.registry = CampaignRegistry(redis, self.keys, Limits.from_settings(settings))
         self.store = EnrollmentStore(redis, self.keys, history_limit=settings.history_limit)
         self.planner = Planner(settings.max_steps)
+        self.plan = self.planner.plan  # the pure planning the commands and tests share
+        self.transition = self.planner.transition
         #: The queue name spans and logs use for campaign jobs.
         self.destination = f"{settings.key_prefix}:queue"
         #: Called with (enrollment_id, history entry) after each applied transition.
         self.on_transition: Callable[[str, dict[str, Any]], None] | None = None
-
-    def plan(
-        self,
-        campaign: Campaign,
-        target: JobTarget,
-        node_id: str | None,
-        step: int,
-        now: datetime,
-        *,
-        count_first: bool = True,
-        reason: str = "",
-    ) -> Plan:
-        """See :meth:`app.planner.Planner.plan`."""
-        return self.planner.plan(
-            campaign, target, node_id, step, now, count_first=count_first, reason=reason
-        )
-
-    def transition(self, plan: Plan, target: JobTarget, **kwargs: Any) -> Transition:
-        """See :meth:`app.planner.Planner.transition`."""
-        return self.planner.transition(plan, target, **kwargs)
 
     @staticmethod
     def _annotate(enrollment_id: str, state: str | None, job_id: str | None, node: Any) -> None:
@@ -246,12 +224,8 @@ class SchedulingService:
             job_id, payload = "", ""
             eid = target.enrollment_id
             if job is not None:
-                own = job.args[0] == eid
-                job_id = job.id if own else (step_job_id(eid, plan.step, 1) if job.function == STEP_FUNCTION
-                                             else timeout_job_id(eid, plan.step))  # fmt: skip
-                payload = job_payload(
-                    job.function, [eid, *job.args[1:]], job.kwargs, enqueued, 1
-                ).decode()
+                job = job.retarget(eid)  # a plan shared by a time zone: this contact's job
+                job_id, payload = job.id, job.payload(enqueued).decode()
             attributes = contact.get("attributes")
             rows.append(NewEnrollment(
                 eid, job_id, payload, max(_ms(due), at) if due is not None else 0,
@@ -398,6 +372,13 @@ class SchedulingService:
         pending: tuple[asyncio.Task[list[int | str]], Plan, list[NewEnrollment], list[str],
                        datetime] | None = None  # fmt: skip
 
+        def stopped(
+            row: int, reason: str, kind: type[EnrollManyError] = InvalidRow
+        ) -> EnrollManyError:
+            """The error that stops enroll_many at ``row``, saying how far it got."""
+            return kind(f"contacts[{row}]: {reason}; {how_far(row)}", enrolled=total, row=row,
+                        processed=processed, reason=reason)  # fmt: skip
+
         def write_failed(exc: BaseException, size: int) -> EnrollManyError:
             last = processed + size - 1
             reason = f"writing rows {processed}-{last} failed: {type(exc).__name__}: {exc}"
@@ -455,11 +436,7 @@ class SchedulingService:
                 )
             except _RowError as err:
                 await settle()
-                row = processed + err.offset
-                raise InvalidRow(
-                    f"contacts[{row}]: {err.error}; {how_far(row)}", enrolled=total,
-                    row=row, processed=processed, reason=str(err.error),
-                ) from None  # fmt: skip
+                raise stopped(processed + err.offset, str(err.error)) from None
             await settle()
             task = asyncio.ensure_future(
                 self.store.create_many(campaign.id, plan.state.value, common, time_field, rows_)
@@ -489,14 +466,7 @@ class SchedulingService:
                             campaign, t, cid, c.get("attributes"), b, moment
                         )
                     except InvalidRequest as exc:
-                        row = processed + offset
-                        raise InvalidRow(
-                            f"contacts[{row}]: {exc}; {how_far(row)}",
-                            enrolled=total,
-                            row=row,
-                            processed=processed,
-                            reason=str(exc),
-                        ) from None
+                        raise stopped(processed + offset, str(exc)) from None
                     items.append((t.enrollment_id, tr))
                 results = await self.store.apply_many(items)
             except EnrollManyError:
@@ -519,16 +489,9 @@ class SchedulingService:
                 break
             except Exception as exc:
                 await settle()  # the batch in flight counts in what was enrolled
-                row = index + 1
                 reason = f"reading the contacts failed: {type(exc).__name__}: {exc}"
                 kind = InvalidRow if isinstance(exc, InvalidRequest) else EnrollManyError
-                raise kind(
-                    f"contacts[{row}]: {reason}; {how_far(row)}",
-                    enrolled=total,
-                    row=row,
-                    processed=processed,
-                    reason=reason,
-                ) from exc
+                raise stopped(index + 1, reason, kind) from exc
             index += 1
             try:
                 if not isinstance(contact, Mapping) or "contact_id" not in contact:
@@ -538,13 +501,7 @@ class SchedulingService:
                 _check_attributes(contact.get("attributes"), self.settings.max_attributes_bytes)
             except InvalidRequest as exc:
                 await settle()
-                raise InvalidRow(
-                    f"contacts[{index}]: {exc}; {how_far(index)}",
-                    enrolled=total,
-                    row=index,
-                    processed=processed,
-                    reason=str(exc),
-                ) from None
+                raise stopped(index, str(exc)) from None
             batch.append((cid, target, contact))
             if len(batch) >= batch_size:
                 await flush()

@@ -33,7 +33,6 @@ from app.store import Applied
 from app.tracing import enabled as tracing_enabled
 from app.tracing import tracer
 from worker.actions import ActionContext, ActionRegistry, PermanentError, TransientError
-from worker.logs import bind
 from worker.metrics import metrics
 from worker.redis_errors import is_redis_error
 from worker.retries import backoff_delay
@@ -339,23 +338,20 @@ async def fire_timeout(
     job_id: str = ctx["job_id"]
     target = JobTarget(enrollment_id, campaign, int(version), tz, int(base))
     _annotate(target, node, step, None)
-    with bind(enrollment_id=enrollment_id, campaign_id=campaign, node=node, step=step):
-        try:
-            result = await persist(ctx, lambda: service.fire_timeout(
-                target, job_id=job_id, node=node, step=int(step)))  # fmt: skip
-            if result.job_conflict:
-                await _fail_conflict(ctx, target, node, int(step), None, State.WAITING)
-        except Exception as exc:
-            if is_redis_error(exc):
-                raise
-            log.exception("timeout cannot be carried out; failing its enrollment")
-            missing = error_info(exc)
-            failed = await persist(ctx, lambda: service.fail(
-                target, job_id=job_id, node=node, step=int(step), attempt=None,
-                error=missing, expect_state=State.WAITING))  # fmt: skip
-            return _label(failed, "failed")
-        if not result.ok and not result.job_conflict:
-            log.info(
-                "stale timeout job", extra={"state": result.state, "current_step": result.step}
-            )
-        return _label(result, "success")
+    try:
+        result = await persist(ctx, lambda: service.fire_timeout(
+            target, job_id=job_id, node=node, step=int(step)))  # fmt: skip
+        if result.job_conflict:
+            await _fail_conflict(ctx, target, node, int(step), None, State.WAITING)
+    except Exception as exc:
+        if is_redis_error(exc):
+            raise
+        log.exception("timeout cannot be carried out; failing its enrollment")
+        missing = error_info(exc)
+        failed = await persist(ctx, lambda: service.fail(
+            target, job_id=job_id, node=node, step=int(step), attempt=None,
+            error=missing, expect_state=State.WAITING))  # fmt: skip
+        return _label(failed, "failed")
+    if not result.ok and not result.job_conflict:
+        log.info("stale timeout job", extra={"state": result.state, "current_step": result.step})
+    return _label(result, "success")
