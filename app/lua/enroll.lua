@@ -21,18 +21,19 @@ for k, v in pairs(common) do
   flat[#flat + 1] = v
 end
 local rows = cjson.decode(ARGV[3])
-local out = {}
+local out, members, payloads, scores = {}, {}, {}, {}
 for i = 4, #KEYS do
   local row = rows[i - 3]
   local eid, job, payload, due, attributes, tz = row[1], row[2], row[3], row[4], row[5], row[6]
   local enr = KEYS[i]
-  local state = redis.call('HGET', enr, 'state')
+  local exists = redis.call('EXISTS', enr) == 1
+  local state = exists and redis.call('HGET', enr, 'state')
   if state then
     out[#out + 1] = state
   elseif job ~= '' and redis.call('HEXISTS', jobs, job) == 1 then
     out[#out + 1] = -2
   else
-    redis.call('DEL', enr)  -- a hash without a state is debris: nothing of it is kept
+    if exists then redis.call('DEL', enr) end  -- a hash without a state is debris
     local fields = {unpack(flat)}
     fields[#fields + 1] = 'attributes'
     fields[#fields + 1] = attributes
@@ -49,12 +50,21 @@ for i = 4, #KEYS do
       fields[#fields + 1] = tz
     end
     redis.call('HSET', enr, unpack(fields))
-    redis.call('SADD', index, eid)
+    members[#members + 1] = eid
     if job ~= '' then
-      redis.call('HSET', jobs, job, payload)
-      redis.call('ZADD', queue, due, job)
+      payloads[#payloads + 1] = job
+      payloads[#payloads + 1] = payload
+      scores[#scores + 1] = due
+      scores[#scores + 1] = job
     end
     out[#out + 1] = 1
   end
+end
+-- The index, payloads and queue entries of the whole batch in one command each (a record
+-- is written at once, so a contact twice in one batch is seen as already enrolled).
+if #members > 0 then redis.call('SADD', index, unpack(members)) end
+if #payloads > 0 then
+  redis.call('HSET', jobs, unpack(payloads))
+  redis.call('ZADD', queue, unpack(scores))
 end
 return out
