@@ -215,6 +215,17 @@ class Settings(BaseSettings):
         description="Longest delay, wait, retry delay or action timeout (ISO 8601 or seconds), "
         "from PT1M to P3650D (10 years); a business-time delay or wait must also end within it",
     )
+    retention: timedelta | None = Field(
+        default=None,
+        description="Finished enrollments (completed, failed, cancelled) older than this (ISO 8601 "
+        "duration, e.g. P30D, or seconds) are deleted with their history by a periodic job; "
+        "unset keeps them",
+    )
+    sentry_dsn: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("SENTRY_DSN", "CAMPAIGN_SENTRY_DSN"),
+        description="When set, failed steps are reported to Sentry (needs the sentry extra)",
+    )
     metrics_max_campaigns: int = Field(
         default=100,
         ge=0,
@@ -223,7 +234,7 @@ class Settings(BaseSettings):
         'active first); the others are summed under campaign="_other"',
     )
 
-    @field_validator("max_duration", mode="before")
+    @field_validator("max_duration", "retention", mode="before")
     @classmethod
     def _duration_seconds(cls, value: object) -> object:
         # From the environment "86400" means seconds, as in campaign definitions.
@@ -237,6 +248,19 @@ class Settings(BaseSettings):
         if not timedelta(minutes=1) <= value <= MAX_DURATION_CEILING:
             raise ValueError("must be from PT1M (60 seconds) to P3650D (10 years)")
         return value
+
+    @field_validator("retention")
+    @classmethod
+    def _check_retention(cls, value: timedelta | None) -> timedelta | None:
+        if value is not None and not timedelta(minutes=1) <= value <= MAX_DURATION_CEILING:
+            raise ValueError("must be from PT1M (60 seconds) to P3650D (10 years)")
+        return value
+
+    @field_validator("sentry_dsn", mode="before")
+    @classmethod
+    def _empty_dsn_is_unset(cls, value: object) -> object:
+        # SENTRY_DSN= (empty) is how sentry-sdk itself reads "off".
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("key_prefix")
     @classmethod

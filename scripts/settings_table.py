@@ -22,7 +22,9 @@ from app.settings import Settings
 
 def env_name(field: str) -> str:
     """The environment variable of a settings field."""
-    return "REDIS_URL" if field == "redis_url" else f"CAMPAIGN_{field.upper()}"
+    if field in {"redis_url", "sentry_dsn"}:
+        return field.upper()
+    return f"CAMPAIGN_{field.upper()}"
 
 
 def rows() -> list[str]:

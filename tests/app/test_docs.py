@@ -10,7 +10,7 @@ from tests.conftest import ROOT
 def test_readme_settings_table_matches_the_code() -> None:
     generated = runpy.run_path(str(ROOT / "scripts" / "settings_table.py"))["rows"]()
     readme = ROOT.joinpath("README.md").read_text().splitlines()
-    table = [line for line in readme if line.startswith(("| `REDIS_URL`", "| `CAMPAIGN_"))]
+    table = [line for line in readme if line.startswith(("| `REDIS_URL`", "| `SENTRY_DSN`", "| `CAMPAIGN_"))]
     assert table == generated, (
         "README settings table is out of date: run .venv/bin/python scripts/settings_table.py"
     )

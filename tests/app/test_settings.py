@@ -9,7 +9,7 @@ from tests.conftest import ROOT
 
 
 def _env_name(field: str) -> str:
-    return "REDIS_URL" if field == "redis_url" else f"CAMPAIGN_{field.upper()}"
+    return field.upper() if field in {"redis_url", "sentry_dsn"} else f"CAMPAIGN_{field.upper()}"
 
 
 def test_every_setting_is_in_the_readme_table() -> None:
