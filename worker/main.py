@@ -14,6 +14,7 @@ from app.scheduling import SchedulingService
 from app.settings import Settings
 from worker.actions import ActionRegistry, default_registry, egress_policy, make_http_session
 from worker.diagnostics import ping
+from worker.maintenance import maintenance_crons
 from worker.metrics import metrics
 from worker.processors import fire_timeout, run_step
 from worker.reconciler import reconcile_cron
@@ -85,7 +86,7 @@ async def serve(
     on_startup, on_shutdown = make_hooks(settings, actions)
     return await run_worker(
         settings, functions(settings), campaign_functions(),
-        cron_jobs=[reconcile_cron(settings)], on_startup=on_startup, on_shutdown=on_shutdown,
+        cron_jobs=[reconcile_cron(settings), *maintenance_crons(settings)], on_startup=on_startup, on_shutdown=on_shutdown,
         ctx={"action_names": actions.names()}, stop=stop,
         install_signal_handlers=install_signal_handlers,
     )  # fmt: skip
