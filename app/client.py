@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 from types import TracebackType
 from typing import Any
 
@@ -86,19 +87,31 @@ class CampaignClient:
         contact_id: str,
         attributes: Mapping[str, Any] | None = None,
         timezone: str | None = None,
+        *,
+        node: str | None = None,
+        run_at: datetime | str | None = None,
     ) -> EnrollmentStatus:
         """Enroll a contact in the campaign's latest version.
 
+        ``node`` and ``run_at`` place the contact part-way through the campaign (moving it
+        from another system): an ``action`` node is scheduled at ``run_at``, a ``wait``
+        node waits with ``run_at`` as its deadline, a ``delay`` node ends at ``run_at``.
+        ``run_at`` is an aware datetime or an ISO 8601 string with an offset; a past one
+        is due at once. Without them the contact starts at the entry node now.
+
         Raises :class:`~app.errors.CampaignNotFound`, :class:`~app.errors.AlreadyEnrolled`
-        or :class:`~app.errors.InvalidRequest` (bad contact id, time zone or attributes).
+        or :class:`~app.errors.InvalidRequest` (bad contact id, time zone, attributes, node
+        or run_at).
         """
-        return await self.service.enroll(campaign_id, contact_id, attributes, timezone)
+        return await self.service.enroll(
+            campaign_id, contact_id, attributes, timezone, node=node, run_at=run_at
+        )
 
     async def enroll_many(
         self, campaign_id: str, contacts: Iterable[Mapping[str, Any]], *, batch_size: int = 1000
     ) -> EnrollManyResult:
-        """Enroll many contacts (dicts with ``contact_id`` and optional ``attributes`` and
-        ``timezone``), one pipelined round trip per ``batch_size``; returns how many were
+        """Enroll many contacts (dicts with ``contact_id`` and optional ``attributes``,
+        ``timezone``, ``node`` and ``run_at``, as for :meth:`enroll`), one pipelined round trip per ``batch_size``; returns how many were
         enrolled (an ``int``; see :class:`~app.models.EnrollManyResult` for the rows it
         skipped and why). Contacts already enrolled are skipped, not raised; so are contacts
         whose job id is still taken by a leftover job of an earlier enrollment with the

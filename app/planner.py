@@ -114,6 +114,46 @@ class Planner:
             reason = _join(notes, f"then {nxt or 'end'}")
             return Plan(State.SCHEDULED, nxt, s, reason, run_at=run_at, job=job)
 
+    def place(
+        self,
+        campaign: Campaign,
+        target: JobTarget,
+        node_id: str,
+        step: int,
+        run_at: datetime | None,
+        now: datetime,
+        *,
+        reason: str,
+    ) -> Plan:
+        """Put an enrollment at ``node_id`` directly (an import from another system):
+        an action node is due at ``run_at``, a wait node waits with ``run_at`` as its
+        deadline, and a delay node ends at ``run_at`` (the node after it is due then).
+        Without ``run_at`` the node is entered at ``now`` as :meth:`plan` would."""
+        node = campaign.nodes[node_id]
+        if run_at is None or isinstance(node, ExitNode):
+            return self.plan(campaign, target, node_id, step, now, reason=reason)
+        s = step + 1
+        if s - target.base_step > self.max_steps:
+            return self._step_limit(node_id, s, [reason])
+        if isinstance(node, ActionNode):
+            job = self.step_job(target, node_id, s, 1, run_at, now)
+            return Plan(State.SCHEDULED, node_id, s, _join([reason], f"action {node_id}"),
+                        run_at=run_at, job=job)  # fmt: skip
+        if isinstance(node, WaitNode):
+            job = self.timeout_job(target, node_id, s, run_at, now)
+            why = _join([reason], f"wait for {', '.join(sorted(node.events))}")
+            return Plan(State.WAITING, node_id, s, why, deadline=run_at, job=job)
+        assert isinstance(node, DelayNode)
+        if run_at <= now:  # the delay is over: go on to what follows it, now
+            return self.plan(campaign, target, node.next, s, now,
+                             reason=_join([reason], f"delay {node_id} over"))  # fmt: skip
+        s += 1
+        if s - target.base_step > self.max_steps:
+            return self._step_limit(node.next, s, [reason])
+        job = self.step_job(target, node.next, s, 1, run_at, now)
+        why = _join([reason], f"delay {node_id} until then; then {node.next or 'end'}")
+        return Plan(State.SCHEDULED, node.next, s, why, run_at=run_at, job=job)
+
     @staticmethod
     def step_job(
         target: JobTarget,

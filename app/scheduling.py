@@ -173,9 +173,10 @@ class SchedulingService:
         attributes: Mapping[str, Any] | None,
         base_step: int,
         now: datetime,
+        place: Placement | None = None,
     ) -> Transition:
         target = dataclasses.replace(target, base_step=base_step)
-        plan = self._plan(campaign, target, campaign.entry, base_step, now, reason="enrolled")
+        plan = self._entry_plan(campaign, target, base_step, now, place)
         at = str(_ms(now))
         # Only what the contract needs and the id does not say: no campaign or contact
         # field, no time zone or base step when there is none (issue: bytes per enrollment).
@@ -196,29 +197,50 @@ class SchedulingService:
         tr.unset.extend(f for f in ("timezone", "base_step") if f not in extra)
         return tr
 
+    def _entry_plan(
+        self, campaign: Campaign, target: JobTarget, base_step: int, now: datetime,
+        place: Placement | None,
+    ) -> Plan:  # fmt: skip
+        """Where a new enrollment starts: the entry node now, or (an import) the node and
+        due time it is placed at."""
+        if place is None or (place.node is None and place.run_at is None):
+            return self._plan(campaign, target, campaign.entry, base_step, now, reason="enrolled")
+        node = place.node or campaign.entry
+        if node not in campaign.nodes:
+            raise InvalidRequest(
+                f"node {node!r} is not in campaign {campaign.id!r} version {campaign.version}"
+            )
+        try:
+            return self.planner.place(campaign, target, node, base_step, place.run_at, now,
+                                      reason="enrolled")  # fmt: skip
+        except (ValueError, OverflowError, RuntimeError) as exc:
+            raise InvalidRequest(
+                f"cannot schedule {target.enrollment_id!r} at node {node!r}: {exc}"
+            ) from None
+
     def _new_rows(
-        self, campaign: Campaign, batch: Sequence[tuple[JobTarget, Mapping[str, Any]]],
-        now: datetime,
-    ) -> tuple[Plan, dict[str, str], str, list[NewEnrollment]]:  # fmt: skip
-        """Plan a batch of new enrollments for one call of ``lua/enroll.lua``: the fields
-        every record shares, the name of its due-time field, and a row per contact. Where the
-        entry's plan does not depend on the contact (no business hours in its zone), it is
-        made once per time zone, not per contact."""
+        self, campaign: Campaign,
+        batch: Sequence[tuple[JobTarget, Mapping[str, Any], Placement | None]], now: datetime,
+    ) -> list[_NewGroup]:  # fmt: skip
+        """Plan a batch of new enrollments for calls of ``lua/enroll.lua``, one per group of
+        rows that start alike (state, node, step): the fields every record of the group
+        shares, the name of its due-time field, and a row per contact. Where the entry's
+        plan does not depend on the contact (no business hours in its zone), it is made
+        once per time zone, not per contact. A plain batch is one group."""
         at = _ms(now)
         enqueued = now_ms()  # "et": when it was queued, whatever time the plan was made for
         plans: dict[str | None, Plan] = {}
-        rows = []
-        plan: Plan | None = None
-        for offset, (target, contact) in enumerate(batch):
+        groups: dict[tuple[str, str, int, bool, bool], _NewGroup] = {}
+        for offset, (target, contact, place) in enumerate(batch):
             tz = target.timezone
-            if tz in plans:
+            if place is None and tz in plans:
                 plan = plans[tz]
             else:
                 try:
-                    plan = self._plan(campaign, target, campaign.entry, 0, now, reason="enrolled")
+                    plan = self._entry_plan(campaign, target, 0, now, place)
                 except InvalidRequest as exc:
                     raise _RowError(offset, exc) from None
-                if campaign.calendar_for(tz) is None:
+                if place is None and campaign.calendar_for(tz) is None:
                     plans[tz] = plan
             job, due = plan.job, plan.run_at or plan.deadline
             job_id, payload = "", ""
@@ -227,31 +249,53 @@ class SchedulingService:
                 job = job.retarget(eid)  # a plan shared by a time zone: this contact's job
                 job_id, payload = job.id, job.payload(enqueued).decode()
             attributes = contact.get("attributes")
-            rows.append(NewEnrollment(
+            row = NewEnrollment(
                 eid, job_id, payload, max(_ms(due), at) if due is not None else 0,
                 orjson.dumps(dict(attributes or {})).decode(), tz or "",
-            ))  # fmt: skip
-        assert plan is not None
-        common = {"state": plan.state.value, "node": plan.node or "", "step": str(plan.step),
-                  "attempt": "1", "version": str(campaign.version), "created_at": str(at),
-                  "updated_at": str(at)}  # fmt: skip
-        if plan.error is not None:
-            common["error"] = orjson.dumps({**plan.error, "at": at, "attempt": 1}).decode()
-        time_field = "run_at" if plan.run_at is not None else "deadline" if plan.deadline else ""
-        return plan, common, time_field, rows
+            )  # fmt: skip
+            shape = (plan.state.value, plan.node or "", plan.step, plan.run_at is not None,
+                     plan.error is not None)  # fmt: skip
+            group = groups.get(shape)
+            if group is None:
+                common = {"state": plan.state.value, "node": plan.node or "",
+                          "step": str(plan.step), "attempt": "1",
+                          "version": str(campaign.version), "created_at": str(at),
+                          "updated_at": str(at)}  # fmt: skip
+                if plan.error is not None:
+                    common["error"] = orjson.dumps({**plan.error, "at": at, "attempt": 1}).decode()
+                time_field = (
+                    "run_at" if plan.run_at is not None else "deadline" if plan.deadline else ""
+                )
+                group = groups[shape] = _NewGroup(plan, common, time_field, [], [])
+            group.rows.append(row)
+            group.offsets.append(offset)
+        return list(groups.values())
+
+    async def _create_groups(
+        self, campaign: Campaign, groups: Sequence[_NewGroup]
+    ) -> list[int | str]:
+        """Write planned groups (one Lua call per group and shard); results in row order."""
+        size = sum(len(g.rows) for g in groups)
+        out: list[int | str] = [0] * size
+        for group in groups:
+            codes = await self.store.create_many(
+                campaign.id, group.plan.state.value, group.common, group.time_field, group.rows
+            )
+            for offset, code in zip(group.offsets, codes, strict=True):
+                out[offset] = code
+        return out
 
     async def _enroll_new(
         self, campaign: Campaign, target: JobTarget, attributes: Mapping[str, Any] | None,
-        now: datetime,
+        now: datetime, place: Placement | None,
     ) -> EnrollmentStatus:  # fmt: skip
         """One round trip: create the record and its job, and build the status from what
         was written (a campaign without re-entry never replaces a record)."""
         try:
-            plan, common, time_field, rows = self._new_rows(
-                campaign, [(target, {"attributes": attributes})], now
-            )
+            [group] = self._new_rows(campaign, [(target, {"attributes": attributes}, place)], now)
         except _RowError as err:
             raise err.error from None
+        plan, common, time_field, rows = group.plan, group.common, group.time_field, group.rows
         [result] = await self.store.create_many(campaign.id, plan.state.value, common,
                                                 time_field, rows)  # fmt: skip
         eid = target.enrollment_id
@@ -283,6 +327,23 @@ class SchedulingService:
                                      "node": plan.node, "step": plan.step, "attempt": 1,
                                      "reason": plan.reason})  # fmt: skip
 
+    def _placement(self, node: Any, run_at: Any, now: datetime | None) -> Placement | None:
+        """Check an import's ``node``/``run_at`` (None when neither is given)."""
+        if node is None and run_at is None:
+            return None
+        limit = self.settings.max_name_length
+        if node is not None and (not isinstance(node, str) or not node or len(node) > limit):
+            raise InvalidRequest(f"node must be a non-empty string of at most {limit} characters")
+        when = None if run_at is None else _check_run_at(run_at)
+        if when is not None:
+            horizon = (now or datetime.now(UTC)) + self.settings.max_duration
+            if when > horizon:
+                raise InvalidRequest(
+                    f"run_at {when.isoformat()} is further ahead than CAMPAIGN_MAX_DURATION "
+                    f"({format_duration(self.settings.max_duration)})"
+                )
+        return Placement(node, when)
+
     @_traced("enroll")
     async def enroll(
         self,
@@ -291,18 +352,26 @@ class SchedulingService:
         attributes: Mapping[str, Any] | None = None,
         timezone: str | None = None,
         *,
+        node: str | None = None,
+        run_at: datetime | str | None = None,
         now: datetime | None = None,
     ) -> EnrollmentStatus:
-        """Enroll one contact in the latest version; raises :class:`AlreadyEnrolled`."""
+        """Enroll one contact in the latest version; raises :class:`AlreadyEnrolled`.
+
+        ``node`` and ``run_at`` place it part-way through the campaign (an import): see
+        :meth:`app.planner.Planner.place`."""
         campaign = await self.registry.get(campaign_id)
         target = self._target(campaign, contact_id, timezone)
         _check_attributes(attributes, self.settings.max_attributes_bytes)
+        place = self._placement(node, run_at, now)
         if not campaign.reentry:
-            return await self._enroll_new(campaign, target, attributes, now or datetime.now(UTC))
+            return await self._enroll_new(campaign, target, attributes, now or datetime.now(UTC),
+                                          place)  # fmt: skip
         base = 0
         for _ in range(_RACE_RETRIES):
             moment = now or datetime.now(UTC)
-            tr = self._enroll_transition(campaign, target, contact_id, attributes, base, moment)
+            tr = self._enroll_transition(campaign, target, contact_id, attributes, base, moment,
+                                         place)  # fmt: skip
             result = await self._apply(target.enrollment_id, tr)
             if result.ok:
                 break
@@ -359,7 +428,7 @@ class SchedulingService:
         total = already = conflict_count = 0
         conflicts: list[tuple[int, str, str]] = []
         processed = 0  # rows before this one were written (enrolled or skipped)
-        batch: list[tuple[str, JobTarget, Mapping[str, Any]]] = []
+        batch: list[tuple[str, JobTarget, Mapping[str, Any], Placement | None]] = []
 
         def how_far(row: int) -> str:
             if processed == 0:
@@ -369,7 +438,7 @@ class SchedulingService:
                 f"nothing written from row {processed} on"
             )
 
-        pending: tuple[asyncio.Task[list[int | str]], Plan, list[NewEnrollment], list[str],
+        pending: tuple[asyncio.Task[list[int | str]], list[_NewGroup], list[str],
                        datetime] | None = None  # fmt: skip
 
         def stopped(
@@ -413,17 +482,19 @@ class SchedulingService:
             nonlocal pending, processed
             if pending is None:
                 return
-            task, plan, rows_, cids, moment = pending
+            task, groups, cids, moment = pending
             pending = None
             try:
                 codes = await task
             except _WRITE_ERRORS as exc:
-                raise write_failed(exc, len(rows_)) from exc
-            for offset, code in enumerate(codes):
-                if code == 1:
-                    self._created(plan, rows_[offset].enrollment_id, moment)
-                tally(offset, code == 1, rows_[offset].job_id if code == -2 else None, cids)
-            processed += len(rows_)
+                raise write_failed(exc, len(cids)) from exc
+            for group in groups:
+                for row, offset in zip(group.rows, group.offsets, strict=True):
+                    code = codes[offset]
+                    if code == 1:
+                        self._created(group.plan, row.enrollment_id, moment)
+                    tally(offset, code == 1, row.job_id if code == -2 else None, cids)
+            processed += len(cids)
 
         async def flush_fast() -> None:
             """Plan this batch while the previous one is written (one Lua call each), so
@@ -431,18 +502,14 @@ class SchedulingService:
             nonlocal pending
             moment = now or datetime.now(UTC)
             try:
-                plan, common, time_field, rows_ = self._new_rows(
-                    campaign, [(t, c) for _, t, c in batch], moment
-                )
+                groups = self._new_rows(campaign, [(t, c, p) for _, t, c, p in batch], moment)
             except _RowError as err:
                 await settle()
                 raise stopped(processed + err.offset, str(err.error)) from None
             await settle()
-            task = asyncio.ensure_future(
-                self.store.create_many(campaign.id, plan.state.value, common, time_field, rows_)
-            )
+            task = asyncio.ensure_future(self._create_groups(campaign, groups))
             task.add_done_callback(_retrieved)
-            pending = (task, plan, rows_, [cid for cid, _, _ in batch], moment)
+            pending = (task, groups, [cid for cid, _, _, _ in batch], moment)
             batch.clear()
 
         async def flush() -> None:
@@ -455,15 +522,15 @@ class SchedulingService:
             results: list[Applied] = []
             try:
                 # re-entry: one transition per contact (its base step decides its job ids)
-                steps = await self.store.records([t.enrollment_id for _, t, _ in batch], "step")
+                steps = await self.store.records([t.enrollment_id for _, t, _, _ in batch], "step")
                 bases = [
                     _base_step(r[0], t.enrollment_id)
-                    for (_, t, _), r in zip(batch, steps, strict=True)
+                    for (_, t, _, _), r in zip(batch, steps, strict=True)
                 ]
-                for offset, ((cid, t, c), b) in enumerate(zip(batch, bases, strict=True)):
+                for offset, ((cid, t, c, p), b) in enumerate(zip(batch, bases, strict=True)):
                     try:
                         tr = self._enroll_transition(
-                            campaign, t, cid, c.get("attributes"), b, moment
+                            campaign, t, cid, c.get("attributes"), b, moment, p
                         )
                     except InvalidRequest as exc:
                         raise stopped(processed + offset, str(exc)) from None
@@ -473,7 +540,7 @@ class SchedulingService:
                 raise
             except _WRITE_ERRORS as exc:
                 raise write_failed(exc, len(batch)) from exc
-            cids = [cid for cid, _, _ in batch]
+            cids = [cid for cid, _, _, _ in batch]
             for offset, ((eid, tr), r) in enumerate(zip(items, results, strict=True)):
                 if r.ok and self.on_transition is not None:
                     self.on_transition(eid, tr.history[0])
@@ -499,10 +566,11 @@ class SchedulingService:
                 cid = contact["contact_id"]
                 target = self._target(campaign, cid, contact.get("timezone"))
                 _check_attributes(contact.get("attributes"), self.settings.max_attributes_bytes)
+                place = self._placement(contact.get("node"), contact.get("run_at"), now)
             except InvalidRequest as exc:
                 await settle()
                 raise stopped(index, str(exc)) from None
-            batch.append((cid, target, contact))
+            batch.append((cid, target, contact, place))
             if len(batch) >= batch_size:
                 await flush()
         if batch:
@@ -988,3 +1056,43 @@ def _base_step(raw: str | None, enrollment_id: str) -> int:
             f"(got {raw[:80]!r})"
         )
     return int(raw)
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where an imported enrollment starts: its node (None: the entry) and due time."""
+
+    node: str | None
+    run_at: datetime | None
+
+
+@dataclasses.dataclass
+class _NewGroup:
+    """New enrollments of a batch that start alike: one ``lua/enroll.lua`` call."""
+
+    plan: Plan
+    common: dict[str, str]
+    time_field: str
+    rows: list[NewEnrollment]
+    offsets: list[int]
+
+
+def _check_run_at(value: Any) -> datetime:
+    """``run_at`` as an aware datetime: a datetime or an ISO 8601 string with an offset."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise InvalidRequest(
+                f"run_at {value[:60]!r} is not an ISO 8601 date and time "
+                "(e.g. 2026-12-01T09:30:00+01:00)"
+            ) from None
+    if not isinstance(value, datetime):
+        raise InvalidRequest(
+            f"run_at must be an ISO 8601 string or a datetime, not {type(value).__name__}"
+        )
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidRequest(
+            f"run_at {value.isoformat()} has no UTC offset (write e.g. {value.isoformat()}Z)"
+        )
+    return value
