@@ -388,6 +388,19 @@ def test_compose_has_no_version_key(compose: dict[str, Any]) -> None:
     assert {"redis", "worker", "jaeger"} <= set(compose["services"])
 
 
+def test_compose_states_that_it_needs_compose_v2(compose: dict[str, Any]) -> None:
+    """The top-level ``name:`` is a Compose v2 feature: the header comment says so."""
+    assert "name" in compose
+    header = []
+    for line in COMPOSE.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    text = " ".join(" ".join(header).split())
+    assert "Compose v2" in text and "`name:`" in text, text
+    assert "docker compose version" in text
+
+
 def test_redis_healthcheck_is_redis_cli_ping(services: dict[str, Any]) -> None:
     hc = services["redis"]["healthcheck"]
     assert re.search(r"\bredis-cli\b.*\bping\b", _healthcheck_text(services["redis"]))
