@@ -118,9 +118,10 @@ async def register(client: CampaignClient, path: Path, out: TextIO) -> int:
 
 async def enroll(
     client: CampaignClient, campaign: str, contact: str, attributes: dict[str, Any],
-    timezone: str | None, out: TextIO,
+    timezone: str | None, out: TextIO, *, node: str | None = None, run_at: str | None = None,
 ) -> int:  # fmt: skip
-    status = await client.enroll(campaign, contact, attributes, timezone)
+    status = await client.enroll(campaign, contact, attributes, timezone, node=node,
+                                 run_at=run_at)  # fmt: skip
     print(_status_line(status), file=out)
     return 0
 

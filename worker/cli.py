@@ -57,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     enr.add_argument("contact")
     enr.add_argument("--attributes", default="{}", help="JSON object of attributes")
     enr.add_argument("--timezone", default=None, help="IANA zone of the contact")
+    enr.add_argument("--node", default=None,
+                     help="start at this node instead of the entry (moving a contact over)")  # fmt: skip
+    enr.add_argument("--run-at", default=None, metavar="ISO8601",
+                     help="due time at --node (a wait's deadline), with an offset")  # fmt: skip
 
     enf = sub.add_parser("enroll-file", help="enroll the contacts of a JSON-lines file")
     enf.add_argument("campaign")
@@ -64,6 +68,13 @@ def _parser() -> argparse.ArgumentParser:
         "file", type=Path, help='one {"contact_id": ..., "attributes": {...}} per line'
     )
     enf.add_argument("--batch", type=int, default=1000, help="contacts per round trip (1000)")
+
+    imp = sub.add_parser(
+        "import", help="import enrollments from a JSON-lines file (moving off another system)"
+    )
+    imp.add_argument("file", type=Path, help="rows of campaign_id, contact_id and optional "
+                     "node, run_at, attributes, timezone")  # fmt: skip
+    imp.add_argument("--batch", type=int, default=1000, help="rows per round trip (1000)")
 
     sig = sub.add_parser("signal", help="deliver an event to an enrollment")
     sig.add_argument("enrollment")
@@ -158,7 +169,15 @@ def _admin(args: argparse.Namespace, settings: Settings) -> int:
     if cmd == "enroll":
         attrs = _json_object(args.attributes, "--attributes")
         return asyncio.run(_with_client(
-            settings, lambda c: admin.enroll(c, args.campaign, args.contact, attrs, args.timezone, out)))  # fmt: skip
+            settings, lambda c: admin.enroll(c, args.campaign, args.contact, attrs, args.timezone,
+                                             out, node=args.node, run_at=args.run_at)))  # fmt: skip
+    if cmd == "import":
+        from worker.importer import import_file
+
+        if not 1 <= args.batch <= 100_000:
+            raise CampaignError("--batch must be from 1 to 100000")
+        return asyncio.run(_with_client(
+            settings, lambda c: import_file(c, args.file, args.batch, out)))  # fmt: skip
     if cmd == "enroll-file":
         return asyncio.run(_with_client(
             settings, lambda c: admin.enroll_file(c, args.campaign, args.file, args.batch, out)))  # fmt: skip
