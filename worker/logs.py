@@ -1,7 +1,9 @@
 """Structured logging: JSON lines for machines, a readable format on a terminal.
 
 Job context (job id, function, enrollment, ...) lives in a context variable set when a job
-starts, so every line a job logs carries it without threading it through calls.
+starts, so every line a job logs carries it without threading it through calls. A line
+written inside a valid OpenTelemetry span also carries its ``trace_id`` and ``span_id``
+(W3C hex), so logs, traces and error reports join up.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import orjson
+from opentelemetry import trace
 
 __all__ = ["bind", "configure_logging", "job_context"]
 
@@ -49,8 +52,17 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     return out
 
 
+def _span_ids() -> tuple[str, str] | None:
+    """(trace_id, span_id) of the current span as W3C hex, or None outside a valid span."""
+    ctx = trace.get_current_span().get_span_context()
+    if not ctx.is_valid:
+        return None
+    return f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, job context, extras."""
+    """One JSON object per line: time, level, logger, message, job context, extras, and the
+    current span's ``trace_id``/``span_id``."""
 
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
@@ -62,17 +74,27 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         doc.update(_fields(record))
+        ids = _span_ids()
+        if ids is not None:  # after the extras: the current span is what a reader joins on
+            doc["trace_id"], doc["span_id"] = ids
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(doc, default=str).decode()
 
 
 class TextFormatter(logging.Formatter):
-    """``12:00:01.123 INFO  worker.x  message  key=value ...`` for people at a terminal."""
+    """``12:00:01.123 INFO  worker.x  message  key=value ...`` for people at a terminal.
+
+    Inside a span the line ends with ``trace_id=...`` (what Jaeger's search takes); the span
+    id is left to the JSON format."""
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
-        extras = " ".join(f"{k}={v}" for k, v in _fields(record).items())
+        fields = _fields(record)
+        ids = _span_ids()
+        if ids is not None:
+            fields["trace_id"] = ids[0]
+        extras = " ".join(f"{k}={v}" for k, v in fields.items())
         line = (
             f"{stamp}.{int(record.msecs):03d} {record.levelname:<7} {record.name}  "
             f"{record.getMessage()}"
