@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any
 
@@ -11,7 +11,9 @@ from arq.connections import ArqRedis
 
 from app.campaigns import Campaign, Limits
 from app.connection import create_redis
+from app.errors import InvalidRequest
 from app.models import EnrollManyResult, EnrollmentStatus
+from app.retention import PurgeResult, purge_finished
 from app.scheduling import SchedulingService
 from app.settings import Settings, get_settings
 
@@ -147,3 +149,24 @@ class CampaignClient:
     async def replay(self, enrollment_id: str) -> EnrollmentStatus:
         """Bring a failed enrollment back: it runs the failed node again as a new step."""
         return await self.service.replay(enrollment_id)
+
+    async def purge(
+        self,
+        finished_before: datetime | timedelta,
+        *,
+        campaign_id: str | None = None,
+        dry_run: bool = False,
+    ) -> PurgeResult:
+        """Delete finished enrollments (completed, failed, cancelled) that finished at or
+        before an instant (or more than a duration ago; ``timedelta(0)``: all of them), with
+        their history and index entries; ``dry_run`` only counts. Returns the counts."""
+        if isinstance(finished_before, timedelta):
+            finished_before = datetime.now(UTC) - finished_before
+        if finished_before.tzinfo is None:
+            raise InvalidRequest("finished_before must be timezone-aware")
+        campaigns = None
+        if campaign_id is not None:
+            await self.service.registry.get(campaign_id)  # CampaignNotFound names it
+            campaigns = [campaign_id]
+        return await purge_finished(self.redis, self.service.keys, finished_before,
+                                    campaigns=campaigns, dry_run=dry_run)  # fmt: skip

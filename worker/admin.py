@@ -10,10 +10,12 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
 import orjson
+from pydantic import TypeAdapter, ValidationError
 
 from app import overview
 from app.client import CampaignClient
@@ -31,7 +33,9 @@ __all__ = [
     "failures",
     "info",
     "list_enrollments",
+    "parse_finished_before",
     "ping_workers",
+    "purge",
     "register",
     "replay",
     "show_status",
@@ -419,4 +423,42 @@ async def list_enrollments(
     if page.next_cursor is not None:
         out.flush()
         print(f"next: {page.next_cursor}", file=err)
+    return 0
+
+
+def parse_finished_before(text: str) -> datetime | timedelta:
+    """``--finished-before``: an ISO 8601 duration (``P30D``, ``PT0S``) or an instant with
+    an offset (``2026-11-01T00:00:00Z``); anything else is a CampaignError naming it."""
+    value = text.strip()
+    if value[:1] in {"P", "p", "-"}:
+        try:
+            duration = TypeAdapter(timedelta).validate_python(value.upper())
+        except ValidationError:
+            duration = None
+        if duration is None or duration < timedelta(0):
+            raise CampaignError(
+                f"--finished-before: {text!r} is not an ISO 8601 duration such as P30D or PT0S"
+            )
+        return duration
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise CampaignError(
+            f"--finished-before: {text!r} is neither an ISO 8601 duration (P30D, PT0S) nor "
+            "an instant (2026-11-01T00:00:00Z)"
+        ) from None
+    if when.tzinfo is None:
+        raise CampaignError(f"--finished-before: {text!r} has no UTC offset (add Z or +01:00)")
+    return when
+
+
+async def purge(
+    client: CampaignClient, before: datetime | timedelta, campaign: str | None, dry_run: bool,
+    out: TextIO,
+) -> int:  # fmt: skip
+    """Delete (or with ``dry_run`` count) finished enrollments and print the count."""
+    result = await client.purge(before, campaign_id=campaign, dry_run=dry_run)
+    parts = ", ".join(f"{n} {state}" for state, n in result.by_state.items())
+    verb = "would purge" if dry_run else "purged"
+    print(f"{verb} {result.total} finished enrollments ({parts})", file=out)
     return 0

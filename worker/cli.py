@@ -76,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
                      "node, run_at, attributes, timezone")  # fmt: skip
     imp.add_argument("--batch", type=int, default=1000, help="rows per round trip (1000)")
 
+    pur = sub.add_parser("purge", help="delete finished enrollments with their history")
+    pur.add_argument("--finished-before", required=True, metavar="DURATION|DATE",
+                     help="an ISO 8601 duration (finished more than that long ago; PT0S: all) "
+                     "or an instant with an offset")  # fmt: skip
+    pur.add_argument("--campaign", default=None, help="only this campaign")
+    pur.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+
     sig = sub.add_parser("signal", help="deliver an event to an enrollment")
     sig.add_argument("enrollment")
     sig.add_argument("event")
@@ -181,6 +188,10 @@ def _admin(args: argparse.Namespace, settings: Settings) -> int:
     if cmd == "enroll-file":
         return asyncio.run(_with_client(
             settings, lambda c: admin.enroll_file(c, args.campaign, args.file, args.batch, out)))  # fmt: skip
+    if cmd == "purge":
+        before = admin.parse_finished_before(args.finished_before)
+        return asyncio.run(_with_client(settings, lambda c: admin.purge(
+            c, before, args.campaign, args.dry_run, out)))  # fmt: skip
     if cmd == "signal":
         payload = _json_object(args.payload, "--payload")
 
