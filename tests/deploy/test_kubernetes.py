@@ -7,11 +7,17 @@ a schema would catch and that bite in practice are checked (env values, labels a
 annotations must be strings), and the facts the worker depends on are asserted against
 the sources they come from: Dockerfile.worker's USER, the routes of
 worker/http_server.py, the metric names of worker/metrics.py, the project version.
+
+``kubectl apply -k deploy/kubernetes`` must need nothing but Kubernetes: the KEDA
+ScaledObject is an optional kustomize Component in ``keda/``. When ``kubectl`` is
+installed, both ways are rendered for real with ``kubectl kustomize`` (no cluster needed).
 """
 
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -30,19 +36,26 @@ WORKER_DIR = ROOT / "worker"
 
 KUSTOMIZATION = "kustomization.yaml"
 EXAMPLE_SECRET = "redis-secret.example.yaml"
+KEDA_DIR = "keda"
+KEDA_COMPONENT = f"{KEDA_DIR}/kustomization.yaml"
+SCALED_OBJECT = f"{KEDA_DIR}/scaledobject.yaml"
+K8S_README = K8S / "README.md"
 
 # file -> (apiVersion, kind) of each of its documents, in order
 EXPECTED: dict[str, list[tuple[str, str]]] = {
     "worker-deployment.yaml": [("apps/v1", "Deployment")],
     "worker-pdb.yaml": [("policy/v1", "PodDisruptionBudget")],
     "worker-metrics-service.yaml": [("v1", "Service")],
-    "keda-scaledobject.yaml": [("keda.sh/v1alpha1", "ScaledObject")],
     EXAMPLE_SECRET: [("v1", "Secret")],
     KUSTOMIZATION: [("kustomize.config.k8s.io/v1beta1", "Kustomization")],
+    SCALED_OBJECT: [("keda.sh/v1alpha1", "ScaledObject")],
+    KEDA_COMPONENT: [("kustomize.config.k8s.io/v1alpha1", "Component")],
 }
+KUSTOMIZE_FILES = {KUSTOMIZATION, KEDA_COMPONENT}
 
 WORKER = "campaign-worker"
-IMAGE_REPO = "campaign-scheduler/worker"
+IMAGE_REPO = "campaign-scheduler/worker"  # the placeholder kustomization.yaml's images: replaces
+PLACEHOLDER_REGISTRY_IMAGE = "registry.example.com/campaign-worker"
 HTTP_PORT = 8080
 EXAMPLE_REDIS_URL = "rediss://default:CHANGE-ME@redis.example:6380/0"
 
@@ -70,7 +83,36 @@ def the_one(filename: str, kind: str) -> dict[str, Any]:
 
 
 def manifest_files() -> list[str]:
-    return sorted(p.name for p in K8S.glob("*.y*ml"))
+    """Every YAML file under deploy/kubernetes, as a path relative to it."""
+    return sorted(p.relative_to(K8S).as_posix() for p in K8S.rglob("*.y*ml"))
+
+
+def kubectl() -> str:
+    found = shutil.which("kubectl")
+    if found is None:
+        pytest.skip("kubectl is not installed: the kustomize rendering is not checked")
+    return found
+
+
+def render(directory: Path) -> list[dict[str, Any]]:
+    """``kubectl kustomize directory``: what ``kubectl apply -k`` would send."""
+    proc = subprocess.run(
+        [kubectl(), "kustomize", str(directory)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d is not None]
+
+
+def commented_block(text: str, key: str) -> list[str]:
+    """The lines of a commented-out YAML block starting ``# key:`` (uncommented)."""
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln == f"# {key}:")
+    block = [lines[start][2:]]
+    for line in lines[start + 1 :]:
+        if not line.startswith("#   "):
+            break
+        block.append(line[2:])
+    return block
 
 
 def parse_quantity(value: str | int | float) -> float:
@@ -211,7 +253,7 @@ def service() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def scaled_object() -> dict[str, Any]:
-    return the_one("keda-scaledobject.yaml", "ScaledObject")
+    return the_one(SCALED_OBJECT, "ScaledObject")
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +278,7 @@ def test_manifest_parses_with_expected_kinds(filename: str) -> None:
     assert [(d.get("apiVersion"), d.get("kind")) for d in docs] == EXPECTED[filename]
 
 
-@pytest.mark.parametrize("filename", sorted(set(EXPECTED) - {KUSTOMIZATION}))
+@pytest.mark.parametrize("filename", sorted(set(EXPECTED) - KUSTOMIZE_FILES))
 def test_resource_metadata_is_well_formed(filename: str) -> None:
     """What the API server's schema would reject: names, non-string labels/annotations."""
     for doc in load_docs(K8S / filename):
@@ -254,15 +296,91 @@ def test_resource_metadata_is_well_formed(filename: str) -> None:
                 assert not prefix or _DNS1123_SUBDOMAIN.fullmatch(prefix), key
 
 
-def test_kustomization_lists_every_manifest_except_the_example() -> None:
+def test_kustomization_lists_every_manifest_except_the_example_and_keda() -> None:
     kustomization = the_one(KUSTOMIZATION, "Kustomization")
     resources = kustomization["resources"]
     assert len(resources) == len(set(resources)), "a resource is listed twice"
-    expected = {f for f in manifest_files() if f != KUSTOMIZATION and ".example." not in f}
+    expected = {
+        f for f in manifest_files() if "/" not in f and f != KUSTOMIZATION and ".example." not in f
+    }
     assert set(resources) == expected
     assert EXAMPLE_SECRET not in resources, "the example Secret must never be applied"
     for res in resources:
         assert (K8S / res).is_file(), f"kustomization lists a missing file {res!r}"
+
+
+def test_apply_k_needs_no_keda() -> None:
+    """Nothing that `kubectl apply -k deploy/kubernetes` sends needs a CRD: KEDA is a
+    component left out by default (listed only in a comment)."""
+    kustomization = the_one(KUSTOMIZATION, "Kustomization")
+    assert "components" not in kustomization, "KEDA must stay optional"
+    assert not any("keda" in r.lower() for r in kustomization["resources"])
+    enabled = yaml.safe_load(
+        "\n".join(commented_block((K8S / KUSTOMIZATION).read_text(), "components"))
+    )
+    assert enabled == {"components": [KEDA_DIR]}, "the commented components: must name keda"
+    component = the_one(KEDA_COMPONENT, "Component")
+    assert component["resources"] == [SCALED_OBJECT.removeprefix(f"{KEDA_DIR}/")]
+    comments = (K8S / KEDA_COMPONENT).read_text()
+    assert "kustomize edit add component keda" in comments
+    assert "kubectl apply -f deploy/kubernetes/keda/scaledobject.yaml" in comments
+
+
+def test_kustomization_images_entry_replaces_the_placeholder(deployment: dict[str, Any]) -> None:
+    """The image the manifests run is the one the README builds and pushes, set in one place."""
+    (c,) = deployment["spec"]["template"]["spec"]["containers"]
+    name, _, tag = c["image"].rpartition(":")
+    (entry,) = the_one(KUSTOMIZATION, "Kustomization")["images"]
+    version = tomllib.loads(PYPROJECT.read_text())["project"]["version"]
+    assert entry == {"name": name, "newName": PLACEHOLDER_REGISTRY_IMAGE, "newTag": version}
+    assert tag == version
+    comments = (K8S / KUSTOMIZATION).read_text()
+    assert f"kustomize edit set image {name}=REGISTRY/campaign-worker:TAG" in comments
+
+
+def test_readme_gives_the_build_push_and_apply_steps(deployment: dict[str, Any]) -> None:
+    text = K8S_README.read_text()
+    (c,) = deployment["spec"]["template"]["spec"]["containers"]
+    name = c["image"].rpartition(":")[0]
+    for step in (
+        'docker build -f Dockerfile.worker -t "$REGISTRY/campaign-worker:$TAG" .',
+        'docker push "$REGISTRY/campaign-worker:$TAG"',
+        f'kustomize edit set image "{name}=$REGISTRY/campaign-worker:$TAG"',
+        "kubectl create secret generic campaign-redis",
+        "kubectl apply -k deploy/kubernetes",
+        "kustomize edit add component keda",
+    ):
+        assert step in text, f"deploy/kubernetes/README.md lost the step {step!r}"
+    assert (ROOT / "Dockerfile.worker").is_file()
+    assert "Dockerfile.worker" in (K8S / KUSTOMIZATION).read_text()
+
+
+def test_rendered_base_has_no_crd_and_runs_the_pushed_image() -> None:
+    docs = render(K8S)
+    kinds = sorted((d["apiVersion"], d["kind"]) for d in docs)
+    assert kinds == [("apps/v1", "Deployment"), ("policy/v1", "PodDisruptionBudget"),
+                     ("v1", "Service")]  # fmt: skip
+    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    version = tomllib.loads(PYPROJECT.read_text())["project"]["version"]
+    assert c["image"] == f"{PLACEHOLDER_REGISTRY_IMAGE}:{version}"
+
+
+def test_rendered_with_the_keda_component(tmp_path: Path) -> None:
+    """The documented by-hand way: uncomment `components:` in kustomization.yaml."""
+    copy = tmp_path / "kubernetes"
+    shutil.copytree(K8S, copy)
+    text = (copy / KUSTOMIZATION).read_text()
+    block = commented_block(text, "components")
+    commented = "\n".join("# " + line for line in block)
+    assert commented in text
+    (copy / KUSTOMIZATION).write_text(text.replace(commented, "\n".join(block)))
+    docs = render(copy)
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == ["Deployment", "PodDisruptionBudget", "ScaledObject", "Service"]
+    (so,) = [d for d in docs if d["kind"] == "ScaledObject"]
+    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    assert so["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
 
 
 # --------------------------------------------------------------------------- Deployment
@@ -506,7 +624,7 @@ def test_keda_query_takes_the_max_of_the_queue_depth(trigger: dict[str, Any]) ->
 
 
 def test_keda_file_explains_why_not_the_redis_scaler() -> None:
-    text = (K8S / "keda-scaledobject.yaml").read_text().lower()
+    text = (K8S / SCALED_OBJECT).read_text().lower()
     comments = "\n".join(line for line in text.splitlines() if line.lstrip().startswith("#"))
     assert "sorted set" in comments and "redis" in comments
 
