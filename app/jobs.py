@@ -24,6 +24,7 @@ __all__ = [
     "JobTarget",
     "MalformedJob",
     "enrollment_id_for",
+    "enrollment_of_job",
     "split_enrollment_id",
     "step_job_id",
     "timeout_job_id",
@@ -55,6 +56,18 @@ def step_job_id(enrollment_id: str, step: int, attempt: int, run_at_ms: int | No
 def timeout_job_id(enrollment_id: str, step: int) -> str:
     """Deterministic id of a wait's timeout job."""
     return f"timeout:{enrollment_id}:{step}"
+
+
+def enrollment_of_job(job_id: str) -> str | None:
+    """The enrollment id a campaign job id names (``step:...``/``timeout:...``), or None."""
+    kind, _, rest = job_id.partition(":")
+    parts = rest.rsplit(":", 2 if kind == "step" else 1)
+    if kind not in {"step", "timeout"} or len(parts) != (3 if kind == "step" else 2):
+        return None
+    eid = parts[0]
+    if ":" not in eid or not all(p.split("@")[0].isdigit() for p in parts[1:]):
+        return None
+    return eid
 
 
 @dataclass(frozen=True)

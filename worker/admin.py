@@ -26,6 +26,7 @@ from app.models import EnrollmentStatus, State
 from app.settings import ConfigError, Settings
 
 __all__ = [
+    "dead_letter_action",
     "dead_letters",
     "enroll",
     "enroll_file",
@@ -462,3 +463,26 @@ async def purge(
     verb = "would purge" if dry_run else "purged"
     print(f"{verb} {result.total} finished enrollments ({parts})", file=out)
     return 0
+
+
+async def dead_letter_action(
+    client: CampaignClient, requeue: str | None, every: bool, purge_all: bool, out: TextIO
+) -> int:
+    """``dead-letters --requeue ID``, ``--requeue --all`` or ``--purge``."""
+    from worker.dead_letters import purge_dead_letters, requeue_dead_letters
+
+    if purge_all:
+        if every:
+            raise CampaignError("--all goes with --requeue; --purge deletes every letter already")
+        print(f"purged {await purge_dead_letters(client)} dead letters", file=out)
+        return 0
+    if requeue is None:
+        raise CampaignError("--all goes with --requeue: dead-letters --requeue --all")
+    if bool(requeue) == every:
+        raise CampaignError("--requeue takes a job id or --all (not both, not neither)")
+    report = await requeue_dead_letters(client, requeue or None)
+    for line in report.lines:
+        print(line, file=out)
+    print(f"requeued {report.requeued}, dropped {report.dropped} (nothing to requeue), "
+          f"kept {report.kept}", file=out)  # fmt: skip
+    return 1 if report.kept else 0

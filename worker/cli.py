@@ -106,7 +106,13 @@ def _parser() -> argparse.ArgumentParser:
     fail.add_argument("--limit", type=int, default=50, help="groups to show (50)")
 
     dl = sub.add_parser("dead-letters", help="poison jobs dropped from the queue")
-    dl.add_argument("--limit", type=int, default=20)
+    dl.add_argument("--limit", type=int, default=20, help="letters to show (20)")
+    dl_action = dl.add_mutually_exclusive_group()
+    dl_action.add_argument("--requeue", nargs="?", const="", default=None, metavar="ID",
+                           help="re-create the job of the enrollment a letter's job id names, "
+                           "and drop the letter (ID, or --all)")  # fmt: skip
+    dl_action.add_argument("--purge", action="store_true", help="delete every dead letter")
+    dl.add_argument("--all", action="store_true", help="with --requeue: every letter")
 
     sub.add_parser(
         "info", help="the queue per shard, workers alive, campaigns with counts by state"
@@ -226,6 +232,9 @@ def _admin(args: argparse.Namespace, settings: Settings) -> int:
             _with_client(settings, lambda c: admin.failures(c, args.campaign, args.limit, out))
         )
     if cmd == "dead-letters":
+        if args.requeue is not None or args.purge or args.all:
+            return asyncio.run(_with_client(settings, lambda c: admin.dead_letter_action(
+                c, args.requeue, args.all, args.purge, out)))  # fmt: skip
         return asyncio.run(_with_client(settings, lambda c: admin.dead_letters(c, args.limit, out)))
     if cmd == "info":
         return asyncio.run(_with_client(settings, lambda c: admin.info(c, out)))

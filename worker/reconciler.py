@@ -25,7 +25,14 @@ from app.store import with_derived
 from worker.metrics import metrics
 from worker.redis_errors import is_redis_error
 
-__all__ = ["RUN_BUDGET", "SLICE", "reconcile", "reconcile_cron", "reconcile_run"]
+__all__ = [
+    "RUN_BUDGET",
+    "SLICE",
+    "reconcile",
+    "reconcile_cron",
+    "reconcile_run",
+    "repair_missing_jobs",
+]
 
 log = logging.getLogger("worker.reconciler")
 
@@ -62,7 +69,7 @@ async def reconcile(ctx: dict[str, Any], budget: float | None = None) -> dict[st
             ids = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
             checked += len(ids)
             if ids:
-                for found, count in (await _check_slice(service, ids)).items():
+                for found, count in (await repair_missing_jobs(service, ids)).items():
                     repaired[found] += count
             if int(cursor) == 0:
                 break
@@ -114,7 +121,9 @@ def _report(repaired: dict[str, int], checked: int, *, done: bool) -> None:
         log.info("reconciler run", extra=extra)
 
 
-async def _check_slice(service: SchedulingService, ids: list[str]) -> dict[str, int]:
+async def repair_missing_jobs(service: SchedulingService, ids: list[str]) -> dict[str, int]:
+    """Re-create the job of each active enrollment in ``ids`` that has none queued or
+    leased (failing a record too corrupt to plan from); returns how many, by state."""
     async with service.redis.pipeline(transaction=False) as pipe:
         for eid in ids:
             pipe.hmget(service.keys.enrollment(eid), list(_FIELDS))
