@@ -12,6 +12,7 @@ from typing import Any
 from arq import Retry
 from arq.worker import Function, func
 
+from worker.error_tracking import job_scope
 from worker.logs import bind
 from worker.metrics import metrics
 from worker.telemetry import consumer_span, mark_error
@@ -59,8 +60,9 @@ def instrument(function: Function) -> Function:
         outcome = "error"
         queue = str(ctx.get("destination") or "arq:queue")
         carrier = kwargs.get("otel")
-        with bind(job_id=ctx.get("job_id"), function=name, job_try=ctx.get("job_try"),
-                  **_job_fields(args, kwargs)), consumer_span(
+        fields = _job_fields(args, kwargs)
+        with job_scope(), bind(job_id=ctx.get("job_id"), function=name,
+                               job_try=ctx.get("job_try"), **fields), consumer_span(
             name, queue, ctx.get("job_id"), ctx.get("job_try"), lateness,
             carrier if isinstance(carrier, dict) else None, link_only=name in LINK_ONLY,
         ) as span:  # fmt: skip

@@ -14,6 +14,8 @@ from app.scheduling import SchedulingService
 from app.settings import Settings
 from worker.actions import ActionRegistry, default_registry, egress_policy, make_http_session
 from worker.diagnostics import ping
+from worker.error_tracking import enabled as error_tracking_enabled
+from worker.error_tracking import init_error_tracking, report_failure, shutdown_error_tracking
 from worker.maintenance import maintenance_crons
 from worker.metrics import metrics
 from worker.processors import fire_timeout, run_step
@@ -55,12 +57,19 @@ def _log_transition(enrollment_id: str, entry: dict[str, Any]) -> None:
     log.info("transition", extra=extra)
 
 
+def _log_and_report(enrollment_id: str, entry: dict[str, Any]) -> None:
+    _log_transition(enrollment_id, entry)
+    if entry["to"] == "failed":
+        report_failure(enrollment_id, entry)
+
+
 def make_hooks(settings: Settings, actions: ActionRegistry) -> tuple[Any, Any]:
-    """arq ``on_startup``/``on_shutdown``: the scheduling service and the shared HTTP session."""
+    """arq ``on_startup``/``on_shutdown``: the scheduling service (its transitions logged,
+    counted, and failures reported to Sentry when it is on) and the shared HTTP session."""
 
     async def on_startup(ctx: dict[str, Any]) -> None:
         service = SchedulingService(ctx["redis"], settings)
-        service.on_transition = _log_transition
+        service.on_transition = _log_and_report if error_tracking_enabled() else _log_transition
         ctx["service"] = service
         ctx["actions"] = actions
         ctx["http"] = make_http_session(settings)
@@ -96,8 +105,10 @@ async def run(settings: Settings) -> int:
     """Run the worker until SIGTERM; returns the exit code."""
     actions = default_registry(settings.actions)
     egress_policy(settings)  # a bad CAMPAIGN_HTTP_ALLOWED_HOSTS stops here: exit 2, one line
+    init_error_tracking(settings)  # so does SENTRY_DSN without sentry-sdk installed
     setup_tracing()
     try:
         return await serve(settings, actions)
     finally:
         shutdown_tracing()
+        shutdown_error_tracking()
