@@ -12,7 +12,9 @@ from arq.connections import ArqRedis
 from app.campaigns import Campaign, Limits
 from app.connection import create_redis
 from app.errors import InvalidRequest
+from app.migration import DEFAULT_STATES, MigrationReport, migrate_enrollments
 from app.models import EnrollManyResult, EnrollmentStatus
+from app.overview import Page, list_enrollments
 from app.retention import PurgeResult, purge_finished
 from app.scheduling import SchedulingService
 from app.settings import Settings, get_settings
@@ -146,9 +148,44 @@ class CampaignClient:
         """State, node, step, attempt, run_at, deadline, error and history."""
         return await self.service.status(enrollment_id)
 
-    async def replay(self, enrollment_id: str) -> EnrollmentStatus:
-        """Bring a failed enrollment back: it runs the failed node again as a new step."""
-        return await self.service.replay(enrollment_id)
+    async def replay(
+        self, enrollment_id: str, *, to_version: int | None = None
+    ) -> EnrollmentStatus:
+        """Bring a failed enrollment back: it runs the failed node again as a new step
+        (with ``to_version``, on that version of its campaign: a fixed definition)."""
+        return await self.service.replay(enrollment_id, to_version=to_version)
+
+    async def migrate(
+        self,
+        campaign_id: str,
+        to_version: int,
+        *,
+        mapping: Mapping[str, str] | None = None,
+        states: Iterable[str] | None = None,
+        dry_run: bool = False,
+    ) -> MigrationReport:
+        """Move enrollments (by default failed, scheduled and waiting ones) to another
+        version, keeping state, node (or ``mapping[node]``), run time and history; see
+        :mod:`app.migration`. Enrollments whose node cannot be kept are reported in
+        ``.left`` and left alone."""
+        return await migrate_enrollments(
+            self.service, campaign_id, to_version, mapping=mapping,
+            states=DEFAULT_STATES if states is None else states, dry_run=dry_run,
+        )  # fmt: skip
+
+    async def list_enrollments(
+        self,
+        campaign_id: str,
+        *,
+        state: str | None = None,
+        node: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> Page:
+        """One page of a campaign's enrollment ids (filtered by state and node), with the
+        cursor of the next page (None at the end); see :func:`app.overview.list_enrollments`."""
+        return await list_enrollments(self.redis, self.service.keys, campaign_id, state=state,
+                                      node=node, limit=limit, cursor=cursor)  # fmt: skip
 
     async def purge(
         self,

@@ -888,21 +888,33 @@ class SchedulingService:
         )
 
     @_traced("replay")
-    async def replay(self, enrollment_id: str) -> EnrollmentStatus:
-        """failed -> scheduled at the node that failed, as a new step with fresh attempts."""
+    async def replay(
+        self, enrollment_id: str, *, to_version: int | None = None
+    ) -> EnrollmentStatus:
+        """failed -> scheduled at the node that failed, as a new step with fresh attempts;
+        with ``to_version``, on that version of the campaign (the node must exist there)."""
         rec, campaign, target = await self._load(enrollment_id)
         if rec["state"] != State.FAILED:
             raise InvalidRequest(
                 f"enrollment {enrollment_id!r} is {rec['state']}; only failed enrollments can be replayed"
             )
+        reason = "replayed"
+        if to_version is not None and to_version != campaign.version:
+            reason = f"replayed on version {to_version} (was {campaign.version})"
+            campaign = await self.registry.get(campaign.id, to_version)
+            target = dataclasses.replace(target, version=to_version)
         step = int(rec["step"])
         node = rec.get("node") or None
         if node is not None and node not in campaign.nodes:
-            raise InvalidRequest(f"enrollment {enrollment_id!r} failed at unknown node {node!r}")
+            raise InvalidRequest(
+                f"enrollment {enrollment_id!r} failed at node {node!r}, which is not in "
+                f"version {campaign.version} of campaign {campaign.id!r}"
+            )
         now = datetime.now(UTC)
-        plan = self._plan(campaign, target, node, step, now, reason="replayed")
+        plan = self._plan(campaign, target, node, step, now, reason=reason)
         tr = self.transition(plan, target, from_state=State.FAILED, expect_states=(State.FAILED,),
-                             expect_step=step, now=now)  # fmt: skip
+                             expect_step=step, now=now,
+                             extra={"version": str(campaign.version)})  # fmt: skip
         tr.unset.append("error")  # the history keeps what failed
         result = await self._apply(enrollment_id, tr)
         if not result.ok:

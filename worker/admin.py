@@ -34,7 +34,9 @@ __all__ = [
     "failures",
     "info",
     "list_enrollments",
+    "migrate",
     "parse_finished_before",
+    "parse_maps",
     "ping_workers",
     "purge",
     "register",
@@ -294,11 +296,14 @@ async def failures(client: CampaignClient, campaign: str | None, limit: int, out
 
 
 async def replay(
-    client: CampaignClient, enrollment_id: str | None, group: str | None, out: TextIO
-) -> int:
-    """Replay one failed enrollment, or every one in a failure group."""
+    client: CampaignClient, enrollment_id: str | None, group: str | None, out: TextIO,
+    *, to_version: int | None = None,
+) -> int:  # fmt: skip
+    """Replay one failed enrollment, or every one in a failure group (on ``to_version``)."""
+    if to_version is not None:
+        await client.get_campaign((enrollment_id or group or "").partition(":")[0], to_version)
     if enrollment_id:
-        st = await client.replay(enrollment_id)
+        st = await client.replay(enrollment_id, to_version=to_version)
         print(f"replayed {_status_line(st)}", file=out)
         return 0
     assert group is not None
@@ -310,7 +315,7 @@ async def replay(
     done = 0
     for eid, _ in members:
         try:
-            await client.replay(eid)
+            await client.replay(eid, to_version=to_version)
             done += 1
         except InvalidRequest:
             pass  # it changed meanwhile (replayed by someone else): nothing to do
@@ -486,3 +491,35 @@ async def dead_letter_action(
     print(f"requeued {report.requeued}, dropped {report.dropped} (nothing to requeue), "
           f"kept {report.kept}", file=out)  # fmt: skip
     return 1 if report.kept else 0
+
+
+def parse_maps(values: list[str]) -> dict[str, str]:
+    """``--map OLD=NEW`` options as a dict; a malformed or repeated one is named."""
+    out: dict[str, str] = {}
+    for value in values:
+        old, sep, new = value.partition("=")
+        if not sep or not old or not new:
+            raise CampaignError(f"--map {value!r}: write it as OLD=NEW (node names)")
+        if old in out:
+            raise CampaignError(f"--map: node {old!r} is mapped twice")
+        out[old] = new
+    return out
+
+
+async def migrate(
+    client: CampaignClient, campaign: str, to_version: int, mapping: dict[str, str],
+    states: list[str] | None, dry_run: bool, out: TextIO,
+) -> int:  # fmt: skip
+    """Move enrollments to ``to_version``; exit 1 when some had to be left alone."""
+    report = await client.migrate(campaign, to_version, mapping=mapping, states=states,
+                                  dry_run=dry_run)  # fmt: skip
+    for eid, node, why in report.left:
+        print(f"left {eid} at node {node!r}: {why}", file=out)
+    if report.left_count > len(report.left):
+        print(f"... and {report.left_count - len(report.left)} more left alone", file=out)
+    parts = ", ".join(f"{n} {state}" for state, n in report.moved.items())
+    verb = "would migrate" if dry_run else "migrated"
+    print(f"{verb} {report.total} enrollments of {campaign!r} to version {to_version} ({parts}); "
+          f"{report.already} already on it, {report.left_count} left alone, "
+          f"{report.changed} changed meanwhile", file=out)  # fmt: skip
+    return 1 if report.left_count else 0

@@ -101,6 +101,18 @@ def _parser() -> argparse.ArgumentParser:
     target.add_argument("enrollment", nargs="?", help="enrollment id")
     target.add_argument("--group", help="CAMPAIGN:NODE:ERROR, as listed by 'failures'")
 
+    rep.add_argument("--to-version", type=int, default=None, metavar="N",
+                     help="replay on this version of the campaign (a fixed definition)")  # fmt: skip
+
+    mig = sub.add_parser("migrate", help="move enrollments to another version of their campaign")
+    mig.add_argument("campaign")
+    mig.add_argument("--to-version", type=int, required=True, metavar="N")
+    mig.add_argument("--map", action="append", default=[], metavar="OLD=NEW",
+                     help="put enrollments at node OLD at node NEW (repeatable)")  # fmt: skip
+    mig.add_argument("--state", action="append", default=None, choices=["failed", "scheduled", "waiting"],
+                     help="only enrollments in this state (repeatable; default all three)")  # fmt: skip
+    mig.add_argument("--dry-run", action="store_true", help="report, change nothing")
+
     fail = sub.add_parser("failures", help="failed enrollments grouped by campaign, node and error")
     fail.add_argument("--campaign", default=None)
     fail.add_argument("--limit", type=int, default=50, help="groups to show (50)")
@@ -225,8 +237,17 @@ def _admin(args: argparse.Namespace, settings: Settings) -> int:
         return asyncio.run(_with_client(settings, cancel))
     if cmd == "replay":
         return asyncio.run(
-            _with_client(settings, lambda c: admin.replay(c, args.enrollment, args.group, out))
+            _with_client(
+                settings,
+                lambda c: admin.replay(
+                    c, args.enrollment, args.group, out, to_version=args.to_version
+                ),
+            )
         )
+    if cmd == "migrate":
+        mapping = admin.parse_maps(args.map)
+        return asyncio.run(_with_client(settings, lambda c: admin.migrate(
+            c, args.campaign, args.to_version, mapping, args.state, args.dry_run, out)))  # fmt: skip
     if cmd == "failures":
         return asyncio.run(
             _with_client(settings, lambda c: admin.failures(c, args.campaign, args.limit, out))
