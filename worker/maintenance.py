@@ -11,6 +11,7 @@ from arq.cron import CronJob, cron
 from app.retention import purge_finished
 from app.scheduling import SchedulingService
 from app.settings import Settings
+from worker.metrics import metrics
 
 __all__ = ["RETENTION_MINUTES", "maintenance_crons", "retention_run"]
 
@@ -28,6 +29,8 @@ async def retention_run(ctx: dict[str, Any]) -> int:
         return 0
     before = datetime.now(UTC) - retention
     result = await purge_finished(service.redis, service.keys, before)
+    for state, count in result.by_state.items():
+        metrics.purged.labels(state=state).inc(count)
     log.info("retention: finished enrollments deleted",
              extra={"deleted": result.by_state, "finished_before": before.isoformat()})  # fmt: skip
     return result.total

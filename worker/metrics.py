@@ -76,6 +76,12 @@ class Metrics:
             ["state", "action"],
             registry=registry,
         )
+        self.purged = Counter(
+            "campaign_purged_total",
+            "Finished enrollments deleted by the retention job (CAMPAIGN_RETENTION), by state",
+            ["state"],
+            registry=registry,
+        )
         self.action_calls = Counter(
             "campaign_action_calls_total",
             "Action handler calls by action and outcome (success, transient, permanent)",
@@ -179,6 +185,8 @@ def prime(m: Metrics, functions: list[str], actions: list[str], states: list[str
     for state in RECONCILED_STATES:
         for action in ("recreated", "failed"):
             m.reconciled.labels(state=state, action=action)
+    for state in ("completed", "failed", "cancelled"):
+        m.purged.labels(state=state)
 
 
 metrics = Metrics(REGISTRY)

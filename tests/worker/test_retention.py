@@ -14,6 +14,7 @@ from app.errors import CampaignNotFound, EnrollmentNotFound
 from app.models import State
 from app.settings import Settings
 from worker.maintenance import maintenance_crons, retention_run
+from worker.metrics import metrics
 
 NOW = datetime.now(UTC)
 OLD = NOW - timedelta(days=40)
@@ -122,7 +123,9 @@ async def test_the_retention_job_uses_the_setting(
     await _setup(client)
     service = client.service
     service.settings = kept
+    before = metrics.purged.labels(state="completed")._value.get()
     assert await retention_run({"service": service}) == 6
+    assert metrics.purged.labels(state="completed")._value.get() - before == 4
     assert await retention_run({"service": service}) == 0
 
 
