@@ -14,11 +14,13 @@ import contextlib
 import logging
 import signal
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
+import arq.worker
 from arq.connections import ArqRedis
 from arq.cron import CronJob
 from arq.worker import Function, Worker, func
@@ -36,7 +38,7 @@ from worker.metrics import metrics, prime
 from worker.queue_stats import QueueStats
 from worker.redis_errors import is_redis_error
 
-__all__ = ["check_eviction_policy", "run_worker", "worker_options"]
+__all__ = ["Runtime", "arq_worker_options", "check_eviction_policy", "run_worker", "worker_options"]
 
 log = logging.getLogger("worker.runtime")
 
@@ -98,6 +100,116 @@ async def check_shard_count(redis: ArqRedis, settings: Settings) -> None:
         )
 
 
+class Runtime:
+    """What a worker process runs beside arq's ``Worker``: the health and metrics server,
+    the start-up checks, and the step engine. ``campaign-worker run`` (:func:`run_worker`)
+    and arq's own CLI (:func:`arq_worker_options`) both drive it."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        campaign_functions: Mapping[str, Callable[..., Awaitable[Any]]] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.health = Health(poll_delay=settings.poll_delay)
+        self.redis = create_redis(settings)
+        self.worker_id = f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
+        self.server = HealthServer(
+            build_app(self.health, metrics.registry, self.redis.ping,
+                      QueueStats(self.redis, settings).refresh),
+            settings.http_host,
+            settings.http_port,
+        )  # fmt: skip
+        self.engine_functions = {
+            name: instrument(func(fn, name=name)).coroutine  # type: ignore[arg-type]
+            for name, fn in (campaign_functions or {}).items()
+        }
+        self.engine: StepEngine | None = None
+        self.engine_task: asyncio.Task[None] | None = None
+
+    def ctx(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The ``ctx`` arq's jobs (and, with ``destination`` changed, the engine's) get."""
+        return {**(extra or {}), "settings": self.settings, "worker_id": self.worker_id,
+                "destination": self.settings.arq_queue}  # fmt: skip
+
+    async def start_server(self) -> None:
+        """Serve /livez, /readyz and /metrics (readiness stays 503 until the engine runs)."""
+        metrics.start_time.set(time.time())
+        await self.server.start()
+
+    async def wait_for_redis(self, stop: asyncio.Event | None = None) -> bool:
+        """Wait for Redis with capped backoff, logging each attempt; False if stopped first."""
+
+        def attempt(n: int, err: BaseException) -> None:
+            self.health.redis_down(err)
+            metrics.redis_up.set(0)
+            log.warning(
+                "waiting for redis at %s",
+                self.settings.redacted_redis_url(),
+                extra={"attempt": n, "error": repr(err)},
+            )
+
+        return await wait_for_redis(
+            self.redis, backoff_max=self.settings.redis_backoff_max, stop=stop, on_attempt=attempt
+        )
+
+    async def prepare(self, arq_functions: Sequence[str], action_names: Sequence[str]) -> None:
+        """With Redis answering: check it is fit for a job queue and prime the metrics.
+
+        Raises :class:`ConfigError` when Redis holds another ``CAMPAIGN_SHARDS``.
+        """
+        self.health.polled()
+        metrics.redis_up.set(1)
+        await check_eviction_policy(self.redis)
+        await check_shard_count(self.redis, self.settings)
+        prime(metrics, [*self.engine_functions, *arq_functions], list(action_names),
+              [s.value for s in State])  # fmt: skip
+        metrics.info.labels(version=__version__).set(1)
+
+    def start_engine(self, ctx: Mapping[str, Any], arq_functions: Sequence[str]) -> None:
+        """Start claiming campaign jobs; ``ctx`` is arq's, after ``on_startup`` filled it."""
+        engine_ctx = {**ctx, "destination": f"{self.settings.key_prefix}:queue"}
+        self.engine = StepEngine(self.settings, engine_ctx, self.engine_functions, self.health,
+                                 self.worker_id)  # fmt: skip
+        self.engine_task = asyncio.create_task(self.engine.run())
+        self.health.worker_running = True
+        log.info("worker started", extra={
+            "worker_id": self.worker_id, "arq_queue": self.settings.arq_queue,
+            "functions": [*self.engine_functions, *arq_functions],
+        })  # fmt: skip
+
+    async def stop_engine(self) -> None:
+        """Stop claiming, give running steps ``CAMPAIGN_SHUTDOWN_GRACE``, hand back the rest."""
+        self.health.draining = True
+        engine, task = self.engine, self.engine_task
+        if engine is None or task is None:
+            return
+        await engine.drain(self.settings.shutdown_grace)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        with contextlib.suppress(Exception):
+            await self.redis.zrem(engine.keys.workers, self.worker_id)
+        log.info("worker stopped", extra={"steps_started": engine.jobs_started})
+
+    async def close(self, *, close_redis: bool = True) -> None:
+        """Stop the HTTP server (and close Redis unless arq owns the connection)."""
+        self.health.worker_running = False
+        await self.server.stop()
+        if close_redis:
+            with contextlib.suppress(Exception):
+                await self.redis.aclose()
+
+
+def _create_worker(functions: Sequence[Function], cron_jobs: Sequence[CronJob],
+                   **options: Any) -> Worker:  # fmt: skip
+    """arq's ``Worker`` through ``arq.worker.create_worker``, looked up at call time: that is
+    where sentry-sdk's arq integration (when on) wraps the job functions."""
+    if cron_jobs:  # the integration iterates the cron jobs it is given: never pass None
+        options["cron_jobs"] = list(cron_jobs)
+    worker: Worker = arq.worker.create_worker({}, functions=list(functions), **options)
+    return worker
+
+
 async def run_worker(
     settings: Settings,
     functions: Sequence[Function | Callable[..., Any]],
@@ -122,47 +234,17 @@ async def run_worker(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, _on_signal, sig, stop)
 
-    health = Health(poll_delay=settings.poll_delay)
-    metrics.start_time.set(time.time())
-    redis = create_redis(settings)
-    worker_id = f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
-    server = HealthServer(
-        build_app(health, metrics.registry, redis.ping, QueueStats(redis, settings).refresh),
-        settings.http_host,
-        settings.http_port,
-    )
-    await server.start()
+    runtime = Runtime(settings, campaign_functions)
+    await runtime.start_server()
     if ready is not None:
-        ready(server)
-
-    def attempt(n: int, err: BaseException) -> None:
-        health.redis_down(err)
-        metrics.redis_up.set(0)
-        log.warning(
-            "waiting for redis at %s",
-            settings.redacted_redis_url(),
-            extra={"attempt": n, "error": repr(err)},
-        )
-
+        ready(runtime.server)
     try:
-        if not await wait_for_redis(
-            redis, backoff_max=settings.redis_backoff_max, stop=stop, on_attempt=attempt
-        ):
+        if not await runtime.wait_for_redis(stop):
             log.info("stopped before redis was reachable")
             return 0
-        health.polled()
-        metrics.redis_up.set(1)
-        await check_eviction_policy(redis)
-        await check_shard_count(redis, settings)
-
         instrumented = instrument_all(functions)
-        engine_functions = {
-            name: instrument(func(fn, name=name)).coroutine  # type: ignore[arg-type]
-            for name, fn in (campaign_functions or {}).items()
-        }
-        prime(metrics, [*engine_functions, *(f.name for f in instrumented)],
-              list(ctx.get("action_names", [])) if ctx else [], [s.value for s in State])  # fmt: skip
-        metrics.info.labels(version=__version__).set(1)
+        names = [f.name for f in instrumented]
+        await runtime.prepare(names, list(ctx.get("action_names", [])) if ctx else [])
         started = asyncio.Event()
 
         async def startup_once(job_ctx: dict[str, Any]) -> None:
@@ -172,20 +254,10 @@ async def run_worker(
                     await on_startup(job_ctx)
                 started.set()
 
-        worker = Worker(
-            instrumented,
-            redis_pool=redis,
-            cron_jobs=list(cron_jobs) or None,
-            on_startup=startup_once,  # type: ignore[arg-type]
-            on_shutdown=on_shutdown,  # type: ignore[arg-type]
-            ctx={
-                **(ctx or {}),
-                "settings": settings,
-                "worker_id": worker_id,
-                "destination": settings.arq_queue,
-            },
-            **worker_options(settings),
-        )
+        worker = _create_worker(
+            instrumented, cron_jobs, redis_pool=runtime.redis, on_startup=startup_once,
+            on_shutdown=on_shutdown, ctx=runtime.ctx(ctx), **worker_options(settings),
+        )  # fmt: skip
         arq_task = asyncio.create_task(_supervise(worker, settings, stop))
         started_task = asyncio.create_task(started.wait())
         stop_task = asyncio.create_task(stop.wait())
@@ -195,29 +267,71 @@ async def run_worker(
             stop_task.cancel()
             await _close(worker, arq_task)
             return 0 if stop.is_set() else 1
-        engine_ctx = {**worker.ctx, "destination": f"{settings.key_prefix}:queue"}
-        engine = StepEngine(settings, engine_ctx, engine_functions, health, worker_id)
-        engine_task = asyncio.create_task(engine.run())
-        health.worker_running = True
-        log.info("worker started", extra={
-            "worker_id": worker_id, "arq_queue": settings.arq_queue,
-            "functions": [*engine_functions, *worker.functions],
-        })  # fmt: skip
-        await asyncio.wait({stop_task, engine_task}, return_when=asyncio.FIRST_COMPLETED)
-        health.draining = True
-        await engine.drain(settings.shutdown_grace)
-        with contextlib.suppress(asyncio.CancelledError):
-            await engine_task
-        with contextlib.suppress(Exception):
-            await redis.zrem(engine.keys.workers, worker_id)
+        runtime.start_engine(worker.ctx, list(worker.functions))
+        assert runtime.engine_task is not None
+        await asyncio.wait({stop_task, runtime.engine_task}, return_when=asyncio.FIRST_COMPLETED)
+        await runtime.stop_engine()
         await _close(worker, arq_task)
-        log.info("worker stopped", extra={"steps_started": engine.jobs_started})
         return 0
     finally:
-        health.worker_running = False
-        await server.stop()
-        with contextlib.suppress(Exception):
-            await redis.aclose()
+        await runtime.close()
+
+
+def arq_worker_options(
+    settings: Settings,
+    functions: Sequence[Function | Callable[..., Any]],
+    campaign_functions: Mapping[str, Callable[..., Awaitable[Any]]] | None = None,
+    *,
+    cron_jobs: Sequence[CronJob] = (),
+    on_startup: Hook | None = None,
+    on_shutdown: Hook | None = None,
+    ctx: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``Worker`` keyword arguments under which arq's own ``Worker.run`` (``arq
+    module.WorkerSettings``) runs the same worker as :func:`run_worker`.
+
+    arq owns the loop, the Redis connection's lifetime and the signals there: the HTTP
+    server, the checks and the step engine start in ``on_startup``, and the engine drains
+    (``CAMPAIGN_SHUTDOWN_GRACE``) in ``on_shutdown``, which arq's ``close()`` runs after
+    SIGTERM/SIGINT.
+    """
+    runtime = Runtime(settings, campaign_functions)
+    instrumented = instrument_all(functions)
+    names = [f.name for f in instrumented]
+    action_names = list(ctx.get("action_names", [])) if ctx else []
+
+    async def startup(job_ctx: dict[str, Any]) -> None:
+        await runtime.start_server()
+        try:
+            # arq has just read INFO on this connection: Redis answers, no waiting here.
+            await runtime.prepare(names, action_names)
+        except ConfigError as exc:  # exit 2 with one line, as campaign-worker run does
+            print(f"campaign-worker: configuration error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None  # out of arq's loop; its close() runs shutdown
+        if on_startup is not None:
+            await on_startup(job_ctx)
+        runtime.start_engine(job_ctx, [*names, *(c.name for c in cron_jobs)])
+
+    async def shutdown(job_ctx: dict[str, Any]) -> None:
+        try:
+            await runtime.stop_engine()
+            if on_shutdown is not None:
+                await on_shutdown(job_ctx)
+        finally:
+            await runtime.close(close_redis=False)  # arq closes its pool after this hook
+
+    options = worker_options(settings)
+    # arq's CLI has no other way to stop: let its handlers take SIGTERM/SIGINT.
+    options["handle_signals"] = True
+    return {
+        **options,
+        "functions": instrumented,
+        "cron_jobs": list(cron_jobs),
+        "redis_pool": runtime.redis,
+        "on_startup": startup,
+        "on_shutdown": shutdown,
+        "ctx": runtime.ctx(ctx),
+    }
 
 
 async def _supervise(worker: Worker, settings: Settings, stop: asyncio.Event) -> None:
