@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -90,7 +91,8 @@ def init_error_tracking(settings: Settings) -> bool:
 
     sentry_sdk.init(
         dsn=settings.sentry_dsn.get_secret_value(),
-        release=f"campaign-scheduler@{__version__}",
+        # sentry-sdk's own SENTRY_RELEASE wins; SENTRY_ENVIRONMENT is read by the SDK.
+        release=os.environ.get("SENTRY_RELEASE") or f"campaign-scheduler@{__version__}",
         integrations=[ArqIntegration()],
         # Not the aiohttp, redis, ... integrations sentry-sdk would switch on by itself:
         # they would wrap every Redis command and health probe on the hot path.

@@ -175,7 +175,8 @@ async def test_without_dsn_sentry_is_never_imported(
     no_sentry_sdk: tuple[Path, Path], private_redis: EmbeddedRedis
 ) -> None:
     shadow, marker = no_sentry_sdk
-    worker = WorkerProcess(private_redis.url, PYTHONPATH=str(shadow)).start()
+    # SENTRY_DSN empty: unset, even if the environment running the tests sets one
+    worker = WorkerProcess(private_redis.url, PYTHONPATH=str(shadow), SENTRY_DSN="").start()
     try:
         await worker.wait_status("/readyz", 200)
     finally:
