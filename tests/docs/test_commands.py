@@ -191,13 +191,15 @@ def workdir(base: Path, server: EmbeddedRedis) -> tuple[Path, dict[str, str]]:
 
 
 @contextlib.contextmanager
-def doc_shell(base: Path, server: EmbeddedRedis) -> Iterator[DocShell]:
-    """A fresh session: emptied Redis, new directory, doc ports mapped to free ones."""
-    client = redis_py.Redis.from_url(server.url)
-    try:
-        client.flushall()
-    finally:
-        client.close()
+def doc_shell(base: Path, server: EmbeddedRedis, *, flush: bool = True) -> Iterator[DocShell]:
+    """A fresh session: emptied Redis (unless ``flush`` is false), new directory, doc
+    ports mapped to free ones."""
+    if flush:
+        client = redis_py.Redis.from_url(server.url)
+        try:
+            client.flushall()
+        finally:
+            client.close()
     work, env = workdir(base, server)
     ports = {6379: server.port, **{p: free_port() for p in DOC_PORTS if p != 6379}}
     env.update(REDIS_URL=server.url, CAMPAIGN_HTTP_PORT=str(ports[8080]))
