@@ -16,18 +16,40 @@ from tests.conftest import subprocess_env
 from tests.docs.blocks import ROOT, blocks, pages
 
 
-def test_mkdocs_build_strict(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def built(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """``mkdocs build --strict`` into a temporary directory: (the run, the site)."""
+    site = tmp_path_factory.mktemp("site")
     mkdocs = Path(sys.executable).with_name("mkdocs")
     done = subprocess.run(
-        [str(mkdocs), "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        [str(mkdocs), "build", "--strict", "--site-dir", str(site)],
         cwd=ROOT, env=subprocess_env(NO_MKDOCS_2_WARNING="1"), capture_output=True, text=True,
         timeout=120,
     )  # fmt: skip
+    return done, site
+
+
+def test_mkdocs_build_strict(built: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    done, site = built
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    site = tmp_path / "site"
     for page in ("maintenance", "troubleshooting", "migrating", "client"):
         assert (site / page / "index.html").exists(), page
     assert "register_campaign" in (site / "client" / "index.html").read_text()
+
+
+def test_api_reference_cites_no_file_readers_lack(
+    built: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    """Readers have the repository, not the project's shared folder: the API reference is
+    generated from docstrings, which must not send them to a PRODUCT.md they do not have."""
+    done, site = built
+    assert done.returncode == 0
+    mentions = sorted(
+        str(p.relative_to(site)) for p in site.rglob("*.html") if "PRODUCT.md" in p.read_text()
+    )
+    assert not mentions, f"pages that cite PRODUCT.md (from app/ docstrings): {mentions}"
 
 
 PYCON_PAGES = [p for p in pages() if any(b.lang == "pycon" for b, _ in blocks(p))]
