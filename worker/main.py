@@ -7,6 +7,7 @@ import functools
 import logging
 from typing import Any
 
+from arq.cron import CronJob
 from arq.worker import func
 
 from app.jobs import STEP_FUNCTION, TIMEOUT_FUNCTION
@@ -23,7 +24,7 @@ from worker.reconciler import reconcile_cron
 from worker.runtime import run_worker
 from worker.telemetry import setup_tracing, shutdown_tracing
 
-__all__ = ["campaign_functions", "functions", "make_hooks", "run", "serve"]
+__all__ = ["campaign_functions", "cron_jobs", "functions", "make_hooks", "run", "serve"]
 
 log = logging.getLogger("worker.transitions")
 
@@ -31,6 +32,11 @@ log = logging.getLogger("worker.transitions")
 def functions(settings: Settings) -> list[Any]:
     """The arq functions a campaign worker serves on arq's own queue."""
     return [func(ping, name="ping", max_tries=1)]
+
+
+def cron_jobs(settings: Settings) -> list[CronJob]:
+    """The periodic jobs a campaign worker runs on arq's queue (one worker per tick)."""
+    return [reconcile_cron(settings), *maintenance_crons(settings)]
 
 
 def campaign_functions() -> dict[str, Any]:
@@ -95,7 +101,7 @@ async def serve(
     on_startup, on_shutdown = make_hooks(settings, actions)
     return await run_worker(
         settings, functions(settings), campaign_functions(),
-        cron_jobs=[reconcile_cron(settings), *maintenance_crons(settings)], on_startup=on_startup, on_shutdown=on_shutdown,
+        cron_jobs=cron_jobs(settings), on_startup=on_startup, on_shutdown=on_shutdown,
         ctx={"action_names": actions.names()}, stop=stop,
         install_signal_handlers=install_signal_handlers,
     )  # fmt: skip

@@ -25,9 +25,7 @@ from app.settings import ConfigError, Settings, get_settings
 from worker.actions import default_registry, egress_policy
 from worker.error_tracking import init_error_tracking, shutdown_error_tracking
 from worker.logs import configure_logging
-from worker.main import campaign_functions, functions, make_hooks
-from worker.maintenance import maintenance_crons
-from worker.reconciler import reconcile_cron
+from worker.main import campaign_functions, cron_jobs, functions, make_hooks
 from worker.runtime import arq_worker_options
 from worker.telemetry import check_otel_env, setup_tracing, shutdown_tracing
 
@@ -63,10 +61,8 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
             shutdown_tracing()
             shutdown_error_tracking()
 
-    # The same crons as serve() in worker/main.py.
-    crons = [reconcile_cron(settings), *maintenance_crons(settings)]
     return arq_worker_options(
-        settings, functions(settings), campaign_functions(), cron_jobs=crons,
+        settings, functions(settings), campaign_functions(), cron_jobs=cron_jobs(settings),
         on_startup=startup, on_shutdown=shutdown, ctx={"action_names": actions.names()},
     )  # fmt: skip
 
