@@ -1,4 +1,4 @@
-"""Business-hours arithmetic (PRODUCT.md section 3).
+"""Business-hours arithmetic (docs/campaigns.md, "Business hours").
 
 `BusinessHours.model_validate(obj)` takes a campaign's ``business_hours`` object plus an
 optional ``timezone`` and answers `is_open`, `next_open`, `next_open_spread`, `add` and
@@ -376,7 +376,7 @@ def _holidays_of(country: str, subdiv: str | None, year: int) -> frozenset[date]
 
 
 class BusinessHours(BaseModel):
-    """A weekly business-hours schedule in one time zone (PRODUCT.md section 3).
+    """A weekly business-hours schedule in one time zone (docs/campaigns.md).
 
     Immutable; the work of resolving windows to instants is cached inside, so build one
     per campaign and reuse it (`with_timezone` for per-contact zones).

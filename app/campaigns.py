@@ -1,4 +1,4 @@
-"""Campaign definitions (PRODUCT.md section 2): the pydantic model and its graph rules."""
+"""Campaign definitions (docs/campaigns.md): the pydantic model and its graph rules."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ _ZONE_MAX = 255
 
 @dataclass(frozen=True)
 class Limits:
-    """PRODUCT.md section 11 limits that campaign validation enforces; the defaults are
+    """The input limits that campaign validation enforces; the defaults are
     the settings' defaults (``CAMPAIGN_MAX_*``)."""
 
     max_definition_bytes: int = 1_048_576
@@ -322,7 +322,7 @@ class Campaign(_Model):
         return self
 
     def _check_limits(self, limits: Limits) -> None:
-        """Names and sizes (PRODUCT.md section 11); not re-checked on stored versions."""
+        """Names and sizes (the ``CAMPAIGN_MAX_*`` limits); not re-checked on stored versions."""
         problems: list[str] = []
         if len(self.id) > limits.max_name_length:
             problems.append(f"id: {_name_problem(self.id, limits.max_name_length)}")

@@ -1,4 +1,4 @@
-"""The async client the API imports (PRODUCT.md section 6)."""
+"""The async client the API imports (docs/client.md)."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ class CampaignClient:
 
     Use as ``async with CampaignClient.from_settings() as client: ...`` or with an explicit
     ``redis_url``. Every method raises a typed :mod:`app.errors` exception on bad input or
-    a corrupt record (:class:`~app.errors.CorruptRecord`); input past a limit of PRODUCT.md
-    section 11 (``CAMPAIGN_MAX_*`` settings) is an ``InvalidRequest``/``InvalidCampaign``
+    a corrupt record (:class:`~app.errors.CorruptRecord`); input past a limit
+    (the ``CAMPAIGN_MAX_*`` settings) is an ``InvalidRequest``/``InvalidCampaign``
     naming the field and the limit.
     """
 

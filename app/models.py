@@ -21,7 +21,7 @@ __all__ = [
 
 
 class State(StrEnum):
-    """Enrollment states (PRODUCT.md section 4)."""
+    """Enrollment states (docs/guarantees.md)."""
 
     SCHEDULED = "scheduled"
     RUNNING = "running"

@@ -22,7 +22,7 @@ def backoff_delay(
     Exponential: ``base * 2**(attempt-1)``; fixed: ``base``; both capped at ``max_delay``.
     Full jitter draws uniformly from [0, delay] so that a burst of failures does not retry
     in lockstep. A server's ``Retry-After`` is a floor, honoured up to ``max_delay``
-    (PRODUCT.md section 11): we never come back sooner than it asks unless it asks for
+    (docs/campaigns.md, retries): we never come back sooner than it asks unless it asks for
     more than the node allows. A ``retry_after`` that is not a finite, positive number
     is ignored; none of them raises.
     """
