@@ -145,7 +145,7 @@ def test_purge_command(cli: Any, settings: Settings) -> None:
         0,
         "purged 1 finished enrollments (1 completed, 0 failed, 0 cancelled)",
     )
-    before = (NOW + timedelta(minutes=5)).isoformat()
+    before = (datetime.now(UTC) + timedelta(minutes=5)).isoformat()
     code, out, _ = cli("purge", "--finished-before", before)
     assert code == 0 and out.startswith("purged 6 ")
     for bad, message in [
