@@ -87,3 +87,7 @@ def subprocess_env(**overrides: str) -> dict[str, str]:
     env.update({"CAMPAIGN_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"})
     env.update(overrides)
     return env
+
+
+# Real local Redis Cluster / Sentinel topologies (function scope), for any test module.
+from tests.topologies import redis_cluster, redis_sentinel  # noqa: E402, F401
