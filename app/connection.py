@@ -3,24 +3,38 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from arq.connections import ArqRedis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import ConnectionPool, parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app import serialization
-from app.settings import Settings
+from app.settings import (
+    SENTINEL_SCHEMES,
+    ConfigError,
+    SentinelURL,
+    Settings,
+    parse_sentinel_url,
+)
 
 __all__ = [
     "REDIS_DOWN_ERRORS",
+    "arq_redis",
     "connect",
     "connection_options",
     "create_redis",
+    "is_cluster",
+    "open_redis",
+    "refresh_cluster",
+    "retarget",
     "wait_for_redis",
 ]
 
@@ -73,12 +87,135 @@ def create_redis(settings: Settings, **kwargs: Any) -> ArqRedis:
     Nothing is connected until the first command.
     """
     url = settings.redis_url.get_secret_value()
-    redis: ArqRedis = ArqRedis.from_url(url, **connection_options(url, **kwargs))
+    redis: ArqRedis
+    if urlsplit(url).scheme in SENTINEL_SCHEMES:
+        redis = _sentinel_master(parse_sentinel_url(url), **kwargs)
+    else:
+        redis = ArqRedis.from_url(url, **connection_options(url, **kwargs))
+    _configure(redis, settings)
+    return redis
+
+
+def _sentinel_master(address: SentinelURL, **overrides: Any) -> ArqRedis:
+    """A client of the master the sentinels name; after a failover, its next connection
+    goes to the new master (redis-py's ``SentinelConnectionPool``)."""
+    from redis.asyncio.sentinel import Sentinel
+
+    scheme = "rediss" if address.tls else "redis"
+    options = connection_options(f"{scheme}://", **overrides)
+    params = dict(address.params)
+    for name in ("socket_timeout", "socket_connect_timeout"):
+        if name in params:
+            options[name] = float(params.pop(name))
+    if "health_check_interval" in params:
+        options["health_check_interval"] = int(params.pop("health_check_interval"))
+    sentinel_auth = {"username": params.pop("sentinel_username", None),
+                     "password": params.pop("sentinel_password", None)}  # fmt: skip
+    tls: dict[str, Any] = {"ssl": True} if address.tls else {}
+    for name in list(params):
+        if name.startswith("ssl_"):
+            tls[name] = params.pop(name)
+    options.update(params)  # client_name
+    sentinel_options = {k: v for k, v in options.items()
+                        if k in {"socket_timeout", "socket_connect_timeout", "socket_keepalive"}}  # fmt: skip
+    sentinel_options.update({k: v for k, v in sentinel_auth.items() if v}, **tls)
+    sentinel = Sentinel(list(address.sentinels), sentinel_kwargs=sentinel_options,  # type: ignore[no-untyped-call]
+                        username=address.username, password=address.password, db=address.db,
+                        **options, **tls)  # fmt: skip
+    redis: ArqRedis = sentinel.master_for(address.service, redis_class=ArqRedis)
+    return redis
+
+
+def is_cluster(redis: object) -> bool:
+    """Whether ``redis`` is a Redis Cluster client (see :func:`open_redis`)."""
+    return isinstance(redis, RedisCluster)
+
+
+async def open_redis(settings: Settings, redis: ArqRedis | None = None) -> ArqRedis:
+    """A client in the mode the server at ``REDIS_URL`` runs in: when it is a node of a Redis
+    Cluster, a cluster client (``redis`` is closed), else ``redis`` (or a new one).
+
+    One ``INFO cluster`` round trip; raises the connection error when Redis is down, and
+    :class:`~app.settings.ConfigError` for a database other than 0 on a cluster."""
+    redis = redis if redis is not None else create_redis(settings)
+    url = settings.redis_url.get_secret_value()
+    if is_cluster(redis) or urlsplit(url).scheme not in {"redis", "rediss"}:
+        return redis
+    info = await redis.info("cluster")
+    if not int(info.get("cluster_enabled") or 0):
+        return redis
+    db = urlsplit(url).path.strip("/") or "0"
+    if db != "0":
+        raise ConfigError(f"REDIS_URL: Redis Cluster has database 0 only, not {db}")
+    await redis.aclose()
+    cluster = RedisCluster.from_url(url, **connection_options(url))
+    await cluster.initialize()
+    # RedisCluster serves every command the service sends (scripts, pipelines without
+    # MULTI, reads): typed as ArqRedis so the code that uses it has one client type.
+    return cast(ArqRedis, cluster)
+
+
+async def refresh_cluster(redis: ArqRedis) -> None:
+    """Read a cluster's slot map again (after a failover); nothing for one server."""
+    if isinstance(redis, RedisCluster):
+        await redis.nodes_manager.initialize()
+
+
+class _SlotMasterPool(ConnectionPool):
+    """Connections to the master that serves one hash slot of a cluster, looked up anew
+    for each connection it opens, so that after a failover they go to the new master."""
+
+    def __init__(self, cluster: RedisCluster, key: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._cluster = cluster
+        self._key = key
+
+    def make_connection(self) -> Any:
+        node = self._cluster.get_node_from_key(self._key)
+        if node is None:
+            raise RedisConnectionError(f"no node serves the slot of {self._key!r}")
+        self.connection_kwargs.update(host=node.host, port=node.port)
+        return super().make_connection()  # type: ignore[no-untyped-call]
+
+
+async def retarget(redis: ArqRedis) -> None:
+    """Drop the connections of an :func:`arq_redis` client of a cluster, so that the next
+    ones go to the master that serves its slot now."""
+    pool = redis.connection_pool
+    if isinstance(pool, _SlotMasterPool):
+        with contextlib.suppress(Exception):
+            await pool.disconnect()
+        pool.reset()  # type: ignore[no-untyped-call]
+
+
+def arq_redis(settings: Settings, redis: ArqRedis) -> ArqRedis:
+    """The connection arq uses (its queue, ping, maintenance jobs): ``redis`` itself on one
+    server; on a cluster, a plain client of the master that serves arq's hash tag, since
+    arq's transactions (WATCH/MULTI) need one node. Raises :class:`ConfigError` when
+    ``CAMPAIGN_QUEUE_NAME`` has no hash tag on a cluster."""
+    if not isinstance(redis, RedisCluster):
+        return redis
+    queue = settings.arq_queue
+    start = queue.find("{")
+    if start < 0 or queue.find("}", start) <= start + 1:
+        raise ConfigError(
+            f"CAMPAIGN_QUEUE_NAME: on Redis Cluster arq's queue needs a hash tag, e.g. "
+            f"{settings.key_prefix}:{{arq}} (got {queue!r})"
+        )
+    url = settings.redis_url.get_secret_value()
+    kwargs = {**parse_url(url), **connection_options(url)}
+    kwargs.pop("db", None)
+    pool = _SlotMasterPool(redis, queue, **kwargs)
+    client = ArqRedis(connection_pool=pool)
+    _configure(client, settings)
+    return client
+
+
+def _configure(redis: ArqRedis, settings: Settings) -> None:
     redis.job_serializer = serialization.dumps
     redis.job_deserializer = serialization.loads
     redis.default_queue_name = settings.arq_queue
     redis.expires_extra_ms = int(settings.job_expiry_extra * 1000)
-    return redis
 
 
 async def wait_for_redis(

@@ -124,10 +124,6 @@ class Keys:
         """The ``CAMPAIGN_SHARDS`` this deployment's data was written with."""
         return f"{self.prefix}:shards"
 
-    def ping(self, token: str) -> str:
-        """Where a worker records that it answered ``ping`` ``token``."""
-        return f"{self.prefix}:ping:{token}"
-
     # -- shortcuts to the keys of one enrollment, in its own shard -------------------------
 
     def enrollment(self, enrollment_id: str) -> str:

@@ -10,6 +10,7 @@ import ipaddress
 import math
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
 from typing import Literal
@@ -18,7 +19,7 @@ from urllib.parse import parse_qsl, unquote_plus, urlsplit
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["ConfigError", "Settings", "get_settings"]
+__all__ = ["ConfigError", "SentinelURL", "Settings", "get_settings", "parse_sentinel_url"]
 
 
 class ConfigError(Exception):
@@ -51,7 +52,7 @@ class Settings(BaseSettings):
     queue_name: str = Field(
         default="",
         description="arq's own queue (maintenance jobs such as ping and the reconciler); "
-        "default <prefix>:arq",
+        "default <prefix>:{arq}; on Redis Cluster it must hold a {hash tag}",
     )
     max_jobs: int = Field(default=50, gt=0, le=10_000, description="Jobs one worker runs at once")
     job_timeout: float = Field(
@@ -317,8 +318,16 @@ class Settings(BaseSettings):
 
     @property
     def arq_queue(self) -> str:
-        """arq's own queue: ``queue_name`` when set, else ``<key_prefix>:arq``."""
-        return self.queue_name or f"{self.key_prefix}:arq"
+        """arq's own queue: ``queue_name`` when set, else ``<key_prefix>:{arq}``.
+
+        The hash tag keeps arq's keys in one Redis Cluster slot: arq's job ids (ping, cron)
+        start with the queue name, so its job, result and in-progress keys share the tag,
+        and arq's transactions never span slots."""
+        return self.queue_name or f"{self.key_prefix}:{{arq}}"
+
+    def arq_job_id(self, name: str) -> str:
+        """An id for one of our jobs on arq's queue (it shares the queue's hash tag)."""
+        return f"{self.arq_queue}:{name}"
 
     def redacted_redis_url(self) -> str:
         """The Redis URL with any password replaced, safe for logs."""
@@ -446,15 +455,107 @@ REDIS_URL_PARAMS: dict[str, dict[str, Callable[[str], None]]] = {
 }
 
 
+#: Sentinel URL schemes, and whether they use TLS.
+SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
+_SENTINEL_PARAMS: dict[str, Callable[[str], None]] = {
+    "socket_timeout": _positive_seconds,
+    "socket_connect_timeout": _positive_seconds,
+    "health_check_interval": _int_between(0, 3600),
+    "client_name": _any,
+    "sentinel_username": _any,
+    "sentinel_password": _any,
+}
+_SENTINEL_TLS_PARAMS = {
+    **_SENTINEL_PARAMS,
+    "ssl_keyfile": _any,
+    "ssl_certfile": _any,
+    "ssl_ca_certs": _any,
+    "ssl_cert_reqs": _one_of("none", "optional", "required"),
+}
+
+
+@dataclass(frozen=True)
+class SentinelURL:
+    """``redis+sentinel://[user:password@]host:port[,host:port...]/service[/db][?params]``:
+    the sentinels to ask, the master's service name, and how to log in to the master
+    (``rediss+sentinel://`` uses TLS for both)."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int
+    username: str | None
+    password: str | None
+    tls: bool
+    params: dict[str, str]
+
+
+def parse_sentinel_url(raw: str) -> SentinelURL:
+    """Parse a Sentinel URL; ``ValueError`` (never echoing the URL) says what is wrong."""
+    parts = urlsplit(raw)
+    tls = SENTINEL_SCHEMES[parts.scheme]
+    userinfo, at, hostlist = parts.netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote_plus(user) or None
+        password = unquote_plus(secret) if colon else None
+    sentinels = []
+    for item in hostlist.split(","):
+        host, colon, port = item.strip().rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(
+                "must list sentinels as host:port[,host:port...] "
+                "(redis+sentinel://host:26379,host2:26379/service/0)"
+            )
+        sentinels.append((host.strip("[]"), int(port)))
+    path = [p for p in parts.path.split("/") if p]
+    if not path or len(path) > 2:
+        raise ValueError("must name the master's service after the hosts (.../mymaster/0)")
+    db = path[1] if len(path) == 2 else "0"
+    if not (db.isdigit() and int(db) <= _MAX_DB):
+        raise ValueError(f"database must be a number from 0 to {_MAX_DB}")
+    allowed = _SENTINEL_TLS_PARAMS if tls else _SENTINEL_PARAMS
+    try:
+        query = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError:
+        raise ValueError("has a malformed query string") from None
+    params: dict[str, str] = {}
+    for name, value in query:
+        check = allowed.get(name)
+        if check is None:
+            shown = repr(name) if re.fullmatch(r"[A-Za-z_]{1,40}", name) else "(unnamed)"
+            raise ValueError(
+                f"query parameter {shown} is not supported with {parts.scheme}:// "
+                f"(supported: {', '.join(sorted(allowed))})"
+            )
+        try:
+            check(value)
+        except ValueError as exc:
+            message = str(exc) if str(exc).startswith("must") else "is not a valid value"
+            raise ValueError(f"query parameter {name!r} {message}") from None
+        params[name] = value
+    return SentinelURL(tuple(sentinels), unquote_plus(path[0]), int(db), username, password,
+                       tls, params)  # fmt: skip
+
+
 def check_redis_url(raw: str) -> None:
     """Raise ``ValueError`` (never echoing the URL) unless redis-py can use ``raw``."""
+    try:
+        scheme = urlsplit(raw).scheme
+    except ValueError:
+        raise ValueError("has a bad port or host") from None
+    if scheme in SENTINEL_SCHEMES:
+        parse_sentinel_url(raw)
+        return
     try:
         parts = urlsplit(raw)
         _ = parts.port
     except ValueError:
         raise ValueError("has a bad port or host") from None
     if parts.scheme not in REDIS_URL_PARAMS:
-        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        raise ValueError(
+            "must be a redis://, rediss://, unix://, redis+sentinel:// or rediss+sentinel:// URL"
+        )
     if parts.scheme == "unix":
         if not parts.path.strip("/"):
             raise ValueError("has no socket path (unix:///path/to/redis.sock)")

@@ -49,14 +49,14 @@ async def ping_workers(settings: Settings, wait_seconds: float) -> int:
     """Enqueue a ``ping`` job and wait for a worker to run it: exit 0 if one did, 1 if not."""
     redis = create_redis(settings)
     token = uuid.uuid4().hex
-    keys = Keys(settings.key_prefix)
-    # The job id carries the key prefix: arq's keys (arq:job:<id>) are shared by everyone.
-    job_id = f"{keys.prefix}:ping:{token}"
+    # The job id carries the key prefix (arq's keys, arq:job:<id>, are shared by everyone)
+    # and arq's hash tag (one slot on Redis Cluster).
+    job_id = settings.arq_job_id(f"ping:{token}")
     try:
         await redis.enqueue_job("ping", token, _job_id=job_id, _queue_name=settings.arq_queue)
         deadline = time.monotonic() + wait_seconds
         while time.monotonic() < deadline:
-            raw = await redis.get(keys.ping(token))
+            raw = await redis.get(settings.arq_job_id(f"pong:{token}"))
             if raw:
                 doc = _json_doc(raw)
                 try:

@@ -98,10 +98,11 @@ async def _requeue_one(client: CampaignClient, eid: str) -> str:
 async def purge_dead_letters(client: CampaignClient) -> int:
     """Delete every dead letter; returns how many there were."""
     total = 0
+    take = client.redis.register_script(_TAKE_ALL)
     for shard in client.service.keys.all_shards():
-        async with client.redis.pipeline(transaction=True) as pipe:
-            pipe.llen(shard.dead)
-            pipe.delete(shard.dead)
-            count, _ = await pipe.execute()
-        total += int(count)
+        total += int(await take(keys=[shard.dead]))
     return total
+
+
+#: Count and delete a list in one step (a letter pushed meanwhile is counted or kept).
+_TAKE_ALL = "local n = redis.call('LLEN', KEYS[1]) redis.call('DEL', KEYS[1]) return n"

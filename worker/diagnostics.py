@@ -8,8 +8,6 @@ from typing import Any
 
 import orjson
 
-from app.keys import Keys
-
 __all__ = ["PING_MAX_SECONDS", "ping"]
 
 PING_MAX_SECONDS = 60.0
@@ -20,11 +18,11 @@ async def ping(ctx: dict[str, Any], token: str, seconds: float = 0.0) -> None:
     started = time.time()
     limit = min(PING_MAX_SECONDS, ctx["settings"].job_timeout * 0.8)
     await asyncio.sleep(min(max(float(seconds), 0.0), limit))
-    keys = Keys(ctx["settings"].key_prefix)
     doc = {
         "worker_id": ctx["worker_id"],
         "started": started,
         "finished": time.time(),
         "try": ctx["job_try"],
     }
-    await ctx["redis"].set(keys.ping(token), orjson.dumps(doc), ex=3600)
+    # ctx["redis"] is arq's connection: the answer lives in arq's slot, beside the job.
+    await ctx["redis"].set(ctx["settings"].arq_job_id(f"pong:{token}"), orjson.dumps(doc), ex=3600)

@@ -56,7 +56,7 @@ class StepEngine:
         self.functions = functions
         self.health = health
         self.worker_id = worker_id
-        self.redis = ctx["redis"]
+        self.redis = ctx.get("campaign_redis") or ctx["redis"]
         self.keys = Keys(settings.key_prefix, settings.shards)
         self.queue = StepQueue(self.redis, self.keys, lease_seconds=settings.lease,
                                history_limit=settings.history_limit)  # fmt: skip

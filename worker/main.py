@@ -74,7 +74,8 @@ def make_hooks(settings: Settings, actions: ActionRegistry) -> tuple[Any, Any]:
     counted, and failures reported to Sentry when it is on) and the shared HTTP session."""
 
     async def on_startup(ctx: dict[str, Any]) -> None:
-        service = SchedulingService(ctx["redis"], settings)
+        # ctx["redis"] is arq's connection; on a cluster the data has a client of its own.
+        service = SchedulingService(ctx.get("campaign_redis") or ctx["redis"], settings)
         service.on_transition = _log_and_report if error_tracking_enabled() else _log_transition
         ctx["service"] = service
         ctx["actions"] = actions

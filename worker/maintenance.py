@@ -44,6 +44,6 @@ def maintenance_crons(settings: Settings) -> list[CronJob]:
     if settings.retention is None:
         return []
     return [
-        cron(retention_run, name=f"{settings.key_prefix}:retention", minute=RETENTION_MINUTES,
+        cron(retention_run, name=settings.arq_job_id("retention"), minute=RETENTION_MINUTES,
              second=0, max_tries=1, keep_result=600.0, timeout=max(settings.job_timeout, 3600.0))
     ]  # fmt: skip

@@ -17,7 +17,9 @@ import asyncio
 import time
 
 from arq.connections import ArqRedis
+from redis.asyncio.cluster import RedisCluster
 
+from app.connection import is_cluster
 from app.keys import Keys
 from app.models import ACTIVE_STATES, State
 from app.settings import Settings
@@ -78,9 +80,9 @@ class QueueStats:
     async def _refresh_queue(self, now: float) -> None:
         now_ms = int(now * 1000)
         shards = self.keys.all_shards()
+        memory = await memory_info(self.redis)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zcount(self.keys.workers, now - HEARTBEAT_STALE_SECONDS, "+inf")
-            pipe.info("memory")
             for shard in shards:
                 pipe.zcount(shard.queue, "-inf", now_ms)
                 pipe.zcount(shard.queue, f"({now_ms}", "+inf")
@@ -88,8 +90,8 @@ class QueueStats:
                 pipe.llen(shard.dead)
                 pipe.zrange(shard.queue, 0, 0, withscores=True)
             results = await pipe.execute()
-        alive, memory = results[:2]
-        per_shard = results[2 : 2 + 5 * len(shards)]
+        alive = results[0]
+        per_shard = results[1 : 1 + 5 * len(shards)]
         due = sum(per_shard[0::5])
         deferred = sum(per_shard[1::5])
         running = sum(per_shard[2::5])
@@ -159,3 +161,14 @@ class QueueStats:
                 gauge.labels(campaign=OTHER_CAMPAIGNS, state=state).set(
                     sum(counts[cid][state] for cid in rest)
                 )
+
+
+async def memory_info(redis: ArqRedis) -> dict[str, int]:
+    """``used_memory`` and ``maxmemory`` of the server, or summed over a cluster's masters."""
+    if not is_cluster(redis):
+        info = await redis.info("memory")
+        return {k: int(info.get(k, 0)) for k in ("used_memory", "maxmemory")}
+    per_node = await redis.info("memory", target_nodes=RedisCluster.PRIMARIES)
+    return {
+        k: sum(int(i.get(k, 0)) for i in per_node.values()) for k in ("used_memory", "maxmemory")
+    }

@@ -195,7 +195,7 @@ def reconcile_cron(settings: Settings) -> CronJob:
         when = {"minute": set(range(0, 60, every // 60)) if every < 3600 else {0}, "second": 0}
     return cron(
         reconcile_run,
-        name=f"{settings.key_prefix}:reconcile",
+        name=settings.arq_job_id("reconcile"),
         keep_result=float(every),
         max_tries=1,
         timeout=max(settings.job_timeout, 300.0),

@@ -26,7 +26,14 @@ from arq.cron import CronJob
 from arq.worker import Function, Worker, func
 
 from app import __version__, serialization
-from app.connection import create_redis, wait_for_redis
+from app.connection import (
+    arq_redis,
+    create_redis,
+    open_redis,
+    refresh_cluster,
+    retarget,
+    wait_for_redis,
+)
 from app.keys import Keys
 from app.models import State
 from app.settings import ConfigError, Settings
@@ -112,11 +119,15 @@ class Runtime:
     ) -> None:
         self.settings = settings
         self.health = Health(poll_delay=settings.poll_delay)
+        #: The campaign data's client: one server's, or a cluster's once :meth:`prepare`
+        #: found one; ``arq`` is arq's connection (the same on one server).
         self.redis = create_redis(settings)
+        self.arq = self.redis
+        self.stats = QueueStats(self.redis, settings)
         self.worker_id = f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
         self.server = HealthServer(
-            build_app(self.health, metrics.registry, self.redis.ping,
-                      QueueStats(self.redis, settings).refresh),
+            build_app(self.health, metrics.registry, lambda: self.redis.ping(),
+                      lambda: self.stats.refresh()),
             settings.http_host,
             settings.http_port,
         )  # fmt: skip
@@ -130,7 +141,7 @@ class Runtime:
     def ctx(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The ``ctx`` arq's jobs (and, with ``destination`` changed, the engine's) get."""
         return {**(extra or {}), "settings": self.settings, "worker_id": self.worker_id,
-                "destination": self.settings.arq_queue}  # fmt: skip
+                "destination": self.settings.arq_queue, "campaign_redis": self.redis}  # fmt: skip
 
     async def start_server(self) -> None:
         """Serve /livez, /readyz and /metrics (readiness stays 503 until the engine runs)."""
@@ -160,6 +171,12 @@ class Runtime:
         """
         self.health.polled()
         metrics.redis_up.set(1)
+        redis = await open_redis(self.settings, self.redis)
+        if redis is not self.redis:  # a Redis Cluster: its client, and arq's own connection
+            self.redis = redis
+            self.stats = QueueStats(redis, self.settings)
+            self.arq = arq_redis(self.settings, redis)
+            log.info("redis cluster mode", extra={"shards": self.settings.shards})
         await check_eviction_policy(self.redis)
         await check_shard_count(self.redis, self.settings)
         prime(metrics, [*self.engine_functions, *arq_functions], list(action_names),
@@ -168,7 +185,8 @@ class Runtime:
 
     def start_engine(self, ctx: Mapping[str, Any], arq_functions: Sequence[str]) -> None:
         """Start claiming campaign jobs; ``ctx`` is arq's, after ``on_startup`` filled it."""
-        engine_ctx = {**ctx, "destination": f"{self.settings.key_prefix}:queue"}
+        engine_ctx = {**ctx, "destination": f"{self.settings.key_prefix}:queue",
+                      "campaign_redis": self.redis}  # fmt: skip
         self.engine = StepEngine(self.settings, engine_ctx, self.engine_functions, self.health,
                                  self.worker_id)  # fmt: skip
         self.engine_task = asyncio.create_task(self.engine.run())
@@ -196,8 +214,17 @@ class Runtime:
         self.health.worker_running = False
         await self.server.stop()
         if close_redis:
+            for client in {id(c): c for c in (self.redis, self.arq)}.values():
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+
+    async def recover(self) -> None:
+        """After a Redis fault: on a cluster, read the slot map again and let arq's next
+        connections go to whichever master now serves its slot."""
+        if self.arq is not self.redis:
             with contextlib.suppress(Exception):
-                await self.redis.aclose()
+                await refresh_cluster(self.redis)
+            await retarget(self.arq)
 
 
 def _create_worker(functions: Sequence[Function], cron_jobs: Sequence[CronJob],
@@ -255,10 +282,10 @@ async def run_worker(
                 started.set()
 
         worker = _create_worker(
-            instrumented, cron_jobs, redis_pool=runtime.redis, on_startup=startup_once,
+            instrumented, cron_jobs, redis_pool=runtime.arq, on_startup=startup_once,
             on_shutdown=on_shutdown, ctx=runtime.ctx(ctx), **worker_options(settings),
         )  # fmt: skip
-        arq_task = asyncio.create_task(_supervise(worker, settings, stop))
+        arq_task = asyncio.create_task(_supervise(worker, settings, stop, runtime.recover))
         started_task = asyncio.create_task(started.wait())
         stop_task = asyncio.create_task(stop.wait())
         await asyncio.wait({started_task, stop_task, arq_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -334,7 +361,10 @@ def arq_worker_options(
     }
 
 
-async def _supervise(worker: Worker, settings: Settings, stop: asyncio.Event) -> None:
+async def _supervise(
+    worker: Worker, settings: Settings, stop: asyncio.Event,
+    recover: Callable[[], Awaitable[None]] | None = None,
+) -> None:  # fmt: skip
     """Run arq's loop; after a Redis fault (which ends it), wait for Redis and run it again."""
     failures = 0
     while not stop.is_set():
@@ -352,6 +382,8 @@ async def _supervise(worker: Worker, settings: Settings, stop: asyncio.Event) ->
             else:
                 log.exception("arq loop failed; restarting")
         await _forget_finished(worker)
+        if recover is not None:
+            await recover()
         pause = min(0.1 * 2 ** min(failures, 10), settings.redis_backoff_max)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(pause):

@@ -136,7 +136,9 @@ class StepQueue:
 
     async def bury(self, shard: ShardKeys, entries: Sequence[tuple[bytes, str, bytes]]) -> None:
         """Dead-letter jobs (raw id, reason, raw payload) that could not be used."""
-        async with self.redis.pipeline(transaction=True) as pipe:
+        # No MULTI (a cluster client has none): if this is cut short, the reconciler gives
+        # the enrollment its job back; at worst a letter is missing.
+        async with self.redis.pipeline(transaction=False) as pipe:
             for raw_id, reason, payload in entries:
                 doc = {
                     "job_id": raw_id.decode("utf-8", "backslashreplace"),

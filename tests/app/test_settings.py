@@ -28,7 +28,7 @@ def test_every_setting_is_in_the_readme_table() -> None:
 @pytest.mark.parametrize(
     ("env", "value", "fragment"),
     [
-        ("REDIS_URL", "notaurl", "redis://, rediss:// or unix://"),
+        ("REDIS_URL", "notaurl", "redis://, rediss://, unix://, redis+sentinel://"),
         ("REDIS_URL", "redis://host:99999/0", "bad port"),
         ("REDIS_URL", "redis://host/abc", "database must be a number"),
         ("CAMPAIGN_MAX_JOBS", "0", "greater than 0"),
@@ -177,8 +177,8 @@ def test_new_settings_defaults() -> None:
     assert (s.lease, s.reconcile_every, s.shards) == (10.0, 60, 1)
     assert s.http_allowed_hosts == "" and s.http_max_response_bytes == 1_048_576
     assert s.redis_backoff_max == 2.0
-    assert s.queue_name == "" and s.arq_queue == "campaign:arq"
-    assert Settings(key_prefix="acme").arq_queue == "acme:arq"
+    assert s.queue_name == "" and s.arq_queue == "campaign:{arq}"
+    assert Settings(key_prefix="acme").arq_queue == "acme:{arq}"
     assert Settings(key_prefix="acme", queue_name="jobs").arq_queue == "jobs"
     assert Settings(http_host="::").http_host == "::"
     assert Settings(http_host="worker-1.internal").http_host == "worker-1.internal"

@@ -140,8 +140,8 @@ def test_redis_url_overrides_the_environment(
     code, _, err = cli("info", "--redis-url", "http://example.com")
     assert code == 2
     assert one_line(err) == (
-        "campaign-worker: configuration error: --redis-url: must be a redis://, rediss:// or "
-        "unix:// URL"
+        "campaign-worker: configuration error: --redis-url: must be a redis://, rediss://, "
+        "unix://, redis+sentinel:// or rediss+sentinel:// URL"
     )
 
 

@@ -21,8 +21,8 @@ async def _ping(server_url: str, seconds: float = 0.0) -> tuple[Any, str]:
     settings = Settings(redis_url=server_url)  # type: ignore[arg-type]
     client = create_redis(settings)
     token = uuid.uuid4().hex
-    await client.enqueue_job("ping", token, seconds, _job_id=f"ping:{token}")
-    return client, f"{settings.key_prefix}:ping:{token}"
+    await client.enqueue_job("ping", token, seconds, _job_id=settings.arq_job_id(f"ping:{token}"))
+    return client, settings.arq_job_id(f"pong:{token}")
 
 
 async def _answered(server_url: str, seconds: float = 0.0, timeout: float = 15.0) -> dict[str, Any]:
