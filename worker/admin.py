@@ -19,7 +19,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from app import overview
 from app.client import CampaignClient
-from app.connection import create_redis
+from app.connection import arq_redis, open_redis
 from app.errors import CampaignError, CorruptRecord, EnrollManyError, InvalidRequest
 from app.keys import Keys
 from app.models import EnrollmentStatus, State
@@ -47,7 +47,8 @@ __all__ = [
 
 async def ping_workers(settings: Settings, wait_seconds: float) -> int:
     """Enqueue a ``ping`` job and wait for a worker to run it: exit 0 if one did, 1 if not."""
-    redis = create_redis(settings)
+    data = await open_redis(settings)
+    redis = arq_redis(settings, data)  # on a cluster: the master of arq's slot
     token = uuid.uuid4().hex
     # The job id carries the key prefix (arq's keys, arq:job:<id>, are shared by everyone)
     # and arq's hash tag (one slot on Redis Cluster).
@@ -75,6 +76,8 @@ async def ping_workers(settings: Settings, wait_seconds: float) -> int:
         return 1
     finally:
         await redis.aclose()
+        if data is not redis:
+            await data.aclose()
 
 
 def _utf8(data: bytes, where: str, start: int = 0) -> str:
