@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -10,7 +11,7 @@ from typing import Any
 from arq.connections import ArqRedis
 
 from app.campaigns import Campaign, Limits
-from app.connection import create_redis
+from app.connection import check_shard_count, create_redis, open_redis
 from app.errors import InvalidRequest
 from app.migration import DEFAULT_STATES, MigrationReport, migrate_enrollments
 from app.models import EnrollManyResult, EnrollmentStatus
@@ -50,6 +51,8 @@ class CampaignClient:
         self.redis = redis if redis is not None else create_redis(settings)
         self.service = SchedulingService(self.redis, settings)
         self.limits = Limits.from_settings(settings)
+        self._ready = False
+        self._connecting: asyncio.Lock | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> CampaignClient:
@@ -67,6 +70,27 @@ class CampaignClient:
     ) -> None:
         await self.close()
 
+    async def connect(self) -> None:
+        """Find out what ``REDIS_URL`` points at, once (every method does this first): on a
+        node of a Redis Cluster the client switches to a cluster client. Checks that
+        ``CAMPAIGN_SHARDS`` matches the count the data was written with, else raises
+        :class:`~app.settings.ConfigError`. Raises the connection error when Redis is down
+        (a later call tries again)."""
+        if self._ready:
+            return
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self._ready:
+                return
+            if self._owns_redis:
+                redis = await open_redis(self.settings, self.redis)
+                if redis is not self.redis:
+                    self.redis = redis
+                    self.service = SchedulingService(redis, self.settings)
+            await check_shard_count(self.redis, self.settings)
+            self._ready = True
+
     async def close(self) -> None:
         """Close the Redis connections this client opened."""
         if self._owns_redis:
@@ -79,10 +103,12 @@ class CampaignClient:
         passed (definition size, node count, name length, durations). A
         :class:`~app.campaigns.Campaign` instance is validated again from its definition.
         """
+        await self.connect()
         return (await self.service.registry.register(definition, self.limits)).version or 0
 
     async def get_campaign(self, campaign_id: str, version: int | None = None) -> Campaign:
         """A registered campaign version (the latest when None)."""
+        await self.connect()
         return await self.service.registry.get(campaign_id, version)
 
     async def enroll(
@@ -107,6 +133,7 @@ class CampaignClient:
         or :class:`~app.errors.InvalidRequest` (bad contact id, time zone, attributes, node
         or run_at).
         """
+        await self.connect()
         return await self.service.enroll(
             campaign_id, contact_id, attributes, timezone, node=node, run_at=run_at
         )
@@ -126,6 +153,7 @@ class CampaignClient:
         also an ``InvalidRequest``) with ``.enrolled``, ``.row`` and ``.processed``; see
         :meth:`app.scheduling.SchedulingService.enroll_many`.
         """
+        await self.connect()
         return await self.service.enroll_many(campaign_id, contacts, batch_size=batch_size)
 
     async def signal(
@@ -135,6 +163,7 @@ class CampaignClient:
 
         ``payload`` must be a JSON object of at most ``CAMPAIGN_MAX_PAYLOAD_BYTES``.
         """
+        await self.connect()
         return await self.service.signal(enrollment_id, event, payload)
 
     async def cancel(self, enrollment_id: str, reason: str = "") -> bool:
@@ -142,10 +171,12 @@ class CampaignClient:
 
         ``reason`` (kept in the history) is at most ``CAMPAIGN_MAX_REASON_LENGTH`` characters.
         """
+        await self.connect()
         return await self.service.cancel(enrollment_id, reason)
 
     async def status(self, enrollment_id: str) -> EnrollmentStatus:
         """State, node, step, attempt, run_at, deadline, error and history."""
+        await self.connect()
         return await self.service.status(enrollment_id)
 
     async def replay(
@@ -153,6 +184,7 @@ class CampaignClient:
     ) -> EnrollmentStatus:
         """Bring a failed enrollment back: it runs the failed node again as a new step
         (with ``to_version``, on that version of its campaign: a fixed definition)."""
+        await self.connect()
         return await self.service.replay(enrollment_id, to_version=to_version)
 
     async def migrate(
@@ -168,6 +200,7 @@ class CampaignClient:
         version, keeping state, node (or ``mapping[node]``), run time and history; see
         :mod:`app.migration`. Enrollments whose node cannot be kept are reported in
         ``.left`` and left alone."""
+        await self.connect()
         return await migrate_enrollments(
             self.service, campaign_id, to_version, mapping=mapping,
             states=DEFAULT_STATES if states is None else states, dry_run=dry_run,
@@ -184,6 +217,7 @@ class CampaignClient:
     ) -> Page:
         """One page of a campaign's enrollment ids (filtered by state and node), with the
         cursor of the next page (None at the end); see :func:`app.overview.list_enrollments`."""
+        await self.connect()
         return await list_enrollments(self.redis, self.service.keys, campaign_id, state=state,
                                       node=node, limit=limit, cursor=cursor)  # fmt: skip
 
@@ -197,6 +231,7 @@ class CampaignClient:
         """Delete finished enrollments (completed, failed, cancelled) that finished at or
         before an instant (or more than a duration ago; ``timedelta(0)``: all of them), with
         their history and index entries; ``dry_run`` only counts. Returns the counts."""
+        await self.connect()
         if isinstance(finished_before, timedelta):
             finished_before = datetime.now(UTC) - finished_before
         if finished_before.tzinfo is None:

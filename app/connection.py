@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app import serialization
+from app.keys import Keys
 from app.settings import (
     SENTINEL_SCHEMES,
     ConfigError,
@@ -28,6 +29,7 @@ from app.settings import (
 __all__ = [
     "REDIS_DOWN_ERRORS",
     "arq_redis",
+    "check_shard_count",
     "connect",
     "connection_options",
     "create_redis",
@@ -153,6 +155,22 @@ async def open_redis(settings: Settings, redis: ArqRedis | None = None) -> ArqRe
     # RedisCluster serves every command the service sends (scripts, pipelines without
     # MULTI, reads): typed as ArqRedis so the code that uses it has one client type.
     return cast(ArqRedis, cluster)
+
+
+async def check_shard_count(redis: ArqRedis, settings: Settings, *, record: bool = False) -> None:
+    """Raise :class:`ConfigError` when Redis holds data written with another
+    ``CAMPAIGN_SHARDS`` (its enrollments would be looked for in the wrong shards);
+    ``record`` stores the count when none is (a worker's first start)."""
+    key = Keys(settings.key_prefix).shard_count
+    if record:
+        await redis.set(key, settings.shards, nx=True)
+    raw = await redis.get(key)
+    recorded = raw.decode("utf-8", "replace") if raw is not None else str(settings.shards)
+    if recorded != str(settings.shards):
+        raise ConfigError(
+            f"CAMPAIGN_SHARDS: this Redis holds {recorded[:20]} shard(s) under prefix "
+            f"{settings.key_prefix!r} (key {key}), not {settings.shards}"
+        )
 
 
 async def refresh_cluster(redis: ArqRedis) -> None:

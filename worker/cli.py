@@ -169,6 +169,7 @@ async def _with_client(settings: Settings, fn: Callable[[Any], Awaitable[int]]) 
 
     client = CampaignClient(settings=settings)
     try:
+        await client.connect()  # cluster or not, and the shard count, before any command
         return await fn(client)
     except BrokenPipeError:
         raise  # our reader went away (``| head``): not Redis; main() exits quietly

@@ -28,13 +28,13 @@ from arq.worker import Function, Worker, func
 from app import __version__, serialization
 from app.connection import (
     arq_redis,
+    check_shard_count,
     create_redis,
     open_redis,
     refresh_cluster,
     retarget,
     wait_for_redis,
 )
-from app.keys import Keys
 from app.models import State
 from app.settings import ConfigError, Settings
 from worker.engine import StepEngine
@@ -91,20 +91,6 @@ async def check_eviction_policy(redis: ArqRedis) -> str:
             extra={"maxmemory_policy": policy},
         )
     return policy
-
-
-async def check_shard_count(redis: ArqRedis, settings: Settings) -> None:
-    """Record ``CAMPAIGN_SHARDS`` at first start; refuse another count later, which would
-    look for enrollments in the wrong shards."""
-    key = Keys(settings.key_prefix).shard_count
-    await redis.set(key, settings.shards, nx=True)
-    raw = await redis.get(key)
-    recorded = raw.decode("utf-8", "replace") if raw is not None else str(settings.shards)
-    if recorded != str(settings.shards):
-        raise ConfigError(
-            f"CAMPAIGN_SHARDS: this Redis holds {recorded} shard(s) under prefix "
-            f"{settings.key_prefix!r} (key {key}), not {settings.shards}"
-        )
 
 
 class Runtime:
@@ -178,7 +164,7 @@ class Runtime:
             self.arq = arq_redis(self.settings, redis)
             log.info("redis cluster mode", extra={"shards": self.settings.shards})
         await check_eviction_policy(self.redis)
-        await check_shard_count(self.redis, self.settings)
+        await check_shard_count(self.redis, self.settings, record=True)
         prime(metrics, [*self.engine_functions, *arq_functions], list(action_names),
               [s.value for s in State])  # fmt: skip
         metrics.info.labels(version=__version__).set(1)
