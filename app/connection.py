@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 from arq.connections import ArqRedis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import ConnectionPool, parse_url
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -214,11 +215,11 @@ def arq_redis(settings: Settings, redis: ArqRedis) -> ArqRedis:
     if not isinstance(redis, RedisCluster):
         return redis
     queue = settings.arq_queue
-    start = queue.find("{")
-    if start < 0 or queue.find("}", start) <= start + 1:
+    if key_slot(queue.encode()) != key_slot(b"arq:abort"):
         raise ConfigError(
-            f"CAMPAIGN_QUEUE_NAME: on Redis Cluster arq's queue needs a hash tag, e.g. "
-            f"{settings.key_prefix}:{{arq}} (got {queue!r})"
+            f"CAMPAIGN_QUEUE_NAME: on Redis Cluster arq's queue must hold the hash tag "
+            f"{{arq:abort}} (arq's fixed key arq:abort must share its slot), e.g. "
+            f"{settings.key_prefix}:{{arq:abort}}, not {queue!r}"
         )
     url = settings.redis_url.get_secret_value()
     kwargs = {**parse_url(url), **connection_options(url)}

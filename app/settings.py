@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     queue_name: str = Field(
         default="",
         description="arq's own queue (maintenance jobs such as ping and the reconciler); "
-        "default <prefix>:{arq}; on Redis Cluster it must hold a {hash tag}",
+        "default <prefix>:{arq:abort}; on Redis Cluster it must hold the hash tag {arq:abort}",
     )
     max_jobs: int = Field(default=50, gt=0, le=10_000, description="Jobs one worker runs at once")
     job_timeout: float = Field(
@@ -318,12 +318,14 @@ class Settings(BaseSettings):
 
     @property
     def arq_queue(self) -> str:
-        """arq's own queue: ``queue_name`` when set, else ``<key_prefix>:{arq}``.
+        """arq's own queue: ``queue_name`` when set, else ``<key_prefix>:{arq:abort}``.
 
-        The hash tag keeps arq's keys in one Redis Cluster slot: arq's job ids (ping, cron)
-        start with the queue name, so its job, result and in-progress keys share the tag,
-        and arq's transactions never span slots."""
-        return self.queue_name or f"{self.key_prefix}:{{arq}}"
+        The hash tag keeps every key arq touches in one Redis Cluster slot, so that its
+        transactions never span slots: our job ids on arq's queue (ping, cron) start with the
+        queue name, so its job, result and in-progress keys carry the tag; and the tag is
+        the name of arq's one fixed key, ``arq:abort`` (which arq's ``finish_job`` writes),
+        so that key hashes to the same slot."""
+        return self.queue_name or f"{self.key_prefix}:{{arq:abort}}"
 
     def arq_job_id(self, name: str) -> str:
         """An id for one of our jobs on arq's queue (it shares the queue's hash tag)."""

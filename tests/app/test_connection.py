@@ -175,5 +175,5 @@ def test_connection_options_per_scheme() -> None:
 
 def test_client_uses_the_derived_arq_queue() -> None:
     redis = create_redis(Settings(key_prefix="acme"))
-    assert redis.default_queue_name == "acme:{arq}"
+    assert redis.default_queue_name == "acme:{arq:abort}"
     assert create_redis(Settings(queue_name="own")).default_queue_name == "own"

@@ -177,8 +177,8 @@ def test_new_settings_defaults() -> None:
     assert (s.lease, s.reconcile_every, s.shards) == (10.0, 60, 1)
     assert s.http_allowed_hosts == "" and s.http_max_response_bytes == 1_048_576
     assert s.redis_backoff_max == 2.0
-    assert s.queue_name == "" and s.arq_queue == "campaign:{arq}"
-    assert Settings(key_prefix="acme").arq_queue == "acme:{arq}"
+    assert s.queue_name == "" and s.arq_queue == "campaign:{arq:abort}"
+    assert Settings(key_prefix="acme").arq_queue == "acme:{arq:abort}"
     assert Settings(key_prefix="acme", queue_name="jobs").arq_queue == "jobs"
     assert Settings(http_host="::").http_host == "::"
     assert Settings(http_host="worker-1.internal").http_host == "worker-1.internal"

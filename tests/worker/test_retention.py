@@ -119,7 +119,7 @@ async def test_the_retention_job_uses_the_setting(
     assert maintenance_crons(settings) == []
     kept = settings.model_copy(update={"retention": timedelta(days=30)})
     [job] = maintenance_crons(kept)
-    assert job.name == "campaign:{arq}:retention"
+    assert job.name == "campaign:{arq:abort}:retention"
     await _setup(client)
     service = client.service
     service.settings = kept
