@@ -5,8 +5,11 @@ deadline, and history; only the version it runs under changes. A scheduled step'
 wait's job keeps its id and due time and gets a payload for the new version, in the same
 atomic call that changes the record, so a worker never runs the old version's node
 after the move. An enrollment whose node is missing from the new version (and not
-mapped), or is of another kind there (a scheduled step needs an action node, a wait a
-wait node), is reported and left alone.
+mapped), or a wait whose node is not a wait node there, is reported and left alone. (A
+scheduled step may be at any kind of node: after a delay, the step job enters whatever
+node follows it.) A wait whose timeout job a worker is running right now is left alone
+too (the worker holds the old version's payload): it is counted in ``running``, and
+running ``migrate`` again moves it once that job is done.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from app.campaigns import ActionNode, Campaign, WaitNode
+from app.campaigns import Campaign, WaitNode
 from app.errors import InvalidRequest
 from app.jobs import STEP_FUNCTION, TIMEOUT_FUNCTION, Job, JobTarget
 from app.models import State
@@ -45,6 +48,8 @@ class MigrationReport:
     #: (enrollment id, node, why it was left alone); the first 1000.
     left: list[tuple[str, str, str]] = field(default_factory=list)
     left_count: int = 0
+    #: Enrollments whose job a worker was running: left alone this time (run it again).
+    running: int = 0
 
     @property
     def total(self) -> int:
@@ -60,11 +65,11 @@ def _node_problem(campaign: Campaign, state: str, node: str | None) -> str | Non
     """Why an enrollment in ``state`` cannot be at ``node`` of ``campaign`` (None: it can)."""
     if node is None:
         return None if state != State.WAITING else "a wait with no node"
+    # A scheduled step may be at any node: after a delay, the step job enters the next
+    # node whatever its type (an action runs, a wait or an exit is entered).
     found = campaign.nodes.get(node)
     if found is None:
         return f"node {node!r} is not in version {campaign.version} (map it with --map)"
-    if state == State.SCHEDULED and not isinstance(found, ActionNode):
-        return f"node {node!r} is a {found.type} node in version {campaign.version}, not an action"
     if state == State.WAITING and not isinstance(found, WaitNode):
         return f"node {node!r} is a {found.type} node in version {campaign.version}, not a wait"
     return None
@@ -88,6 +93,7 @@ async def migrate_enrollments(
                 f"state {state!r} cannot be migrated (one of {', '.join(DEFAULT_STATES)}; a "
                 "running step finishes on its version, finished enrollments stay as they ended)"
             )
+    await service.registry.get(campaign_id)  # an unknown campaign is named as such
     campaign = await service.registry.get(campaign_id, to_version)
     mapping = dict(mapping or {})
     for old, new in mapping.items():
@@ -120,6 +126,7 @@ async def _migrate_slice(
     version = campaign.version
     assert version is not None
     items: list[tuple[str, Transition]] = []
+    old_nodes: dict[str, str] = {}
     for eid, row in zip(ids, rows, strict=True):
         rec = {f: v for f, v in zip(_FIELDS, row, strict=True) if v is not None}
         if rec.get("state") != state:
@@ -137,6 +144,7 @@ async def _migrate_slice(
         if report.dry_run:
             report.moved[state] += 1
             continue
+        old_nodes[eid] = old_node or ""
         items.append((eid, _transition(campaign, eid, rec, node)))
     if not items:
         return
@@ -147,7 +155,9 @@ async def _migrate_slice(
             if service.on_transition is not None:
                 service.on_transition(eid, tr.history[0])
         elif result.job_conflict:
-            report.leave(eid, tr.set.get("node", ""), f"job {result.job_conflict!r} is taken")
+            report.leave(eid, old_nodes[eid], f"job {result.job_conflict!r} is taken")
+        elif result.leased:
+            report.running += 1  # a worker runs its job now: left alone, run migrate again
         else:
             report.changed += 1
 
@@ -184,5 +194,5 @@ def _transition(campaign: Campaign, eid: str, rec: dict[str, str], node: str | N
     return Transition(
         campaign_id=campaign.id, expect_states=(state,), expect_step=step,
         expect_attempt=attempt, expect_job=current or None, set=fields, unset=unset,
-        history=[entry], add_job=job,
+        history=[entry], add_job=job, unleased=True,
     )  # fmt: skip

@@ -173,6 +173,8 @@ class Transition:
     requeue_ms: int | None = None
     #: Apply only if the current job is neither queued nor leased (the reconciler's repair).
     orphan: bool = False
+    #: Apply only if the current job is not leased: no worker is running it (migrate).
+    unleased: bool = False
 
     @property
     def new_state(self) -> str | None:
@@ -191,6 +193,8 @@ class Applied:
     job_conflict: str | None = None
     #: The reconciler's repair found the current job queued or leased after all.
     not_orphan: bool = False
+    #: ``unleased`` was asked and the current job (this id) is leased: running now.
+    leased: str | None = None
 
 
 class EnrollmentStore:
@@ -239,6 +243,7 @@ class EnrollmentStore:
             "add_job": job,
             "requeue": tr.requeue_ms,
             "orphan": tr.orphan,
+            "unleased": tr.unleased,
         }
         shard = self.keys.for_enrollment(enrollment_id)
         keys = [
@@ -262,6 +267,8 @@ class EnrollmentStore:
             return Applied(False, job_conflict=_s(raw[1]))
         if code == -3:
             return Applied(False, not_orphan=True)
+        if code == -4:
+            return Applied(False, leased=_s(raw[1]))
         return Applied(False, _s(raw[1]) or None, int(raw[2]) if len(raw) > 2 else None)
 
     async def apply(self, enrollment_id: str, tr: Transition, now: int | None = None) -> Applied:

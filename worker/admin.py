@@ -469,7 +469,7 @@ async def purge(
     result = await client.purge(before, campaign_id=campaign, dry_run=dry_run)
     parts = ", ".join(f"{n} {state}" for state, n in result.by_state.items())
     verb = "would purge" if dry_run else "purged"
-    print(f"{verb} {result.total} finished enrollments ({parts})", file=out)
+    print(f"{verb} {_count(result.total, 'finished enrollment')} ({parts})", file=out)
     return 0
 
 
@@ -482,7 +482,7 @@ async def dead_letter_action(
     if purge_all:
         if every:
             raise CampaignError("--all goes with --requeue; --purge deletes every letter already")
-        print(f"purged {await purge_dead_letters(client)} dead letters", file=out)
+        print(f"purged {_count(await purge_dead_letters(client), 'dead letter')}", file=out)
         return 0
     if requeue is None:
         raise CampaignError("--all goes with --requeue: dead-letters --requeue --all")
@@ -513,7 +513,8 @@ async def migrate(
     client: CampaignClient, campaign: str, to_version: int, mapping: dict[str, str],
     states: list[str] | None, dry_run: bool, out: TextIO,
 ) -> int:  # fmt: skip
-    """Move enrollments to ``to_version``; exit 1 when some had to be left alone."""
+    """Move enrollments to ``to_version``; exit 1 when some had to be left alone (or were
+    running, so that running it again moves them)."""
     report = await client.migrate(campaign, to_version, mapping=mapping, states=states,
                                   dry_run=dry_run)  # fmt: skip
     for eid, node, why in report.left:
@@ -522,7 +523,15 @@ async def migrate(
         print(f"... and {report.left_count - len(report.left)} more left alone", file=out)
     parts = ", ".join(f"{n} {state}" for state, n in report.moved.items())
     verb = "would migrate" if dry_run else "migrated"
-    print(f"{verb} {report.total} enrollments of {campaign!r} to version {to_version} ({parts}); "
-          f"{report.already} already on it, {report.left_count} left alone, "
-          f"{report.changed} changed meanwhile", file=out)  # fmt: skip
-    return 1 if report.left_count else 0
+    running = (
+        f", {report.running} running now (run migrate again)" if report.running else ""
+    )
+    print(f"{verb} {_count(report.total, 'enrollment')} of {campaign!r} to version {to_version} "
+          f"({parts}); {report.already} already on it, {report.left_count} left alone, "
+          f"{report.changed} changed meanwhile{running}", file=out)  # fmt: skip
+    return 1 if report.left_count or report.running else 0
+
+
+def _count(n: int, singular: str, plural: str | None = None) -> str:
+    """``1 enrollment``, ``2 enrollments`` (``plural`` when it is not ``singular + "s"``)."""
+    return f"{n} {singular if n == 1 else plural or singular + 's'}"

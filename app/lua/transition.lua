@@ -19,8 +19,11 @@
 --   add_job     {id, payload, score}: becomes the current job
 --   requeue     ms: hand the current job back (lease dropped, queued at ms), keep it current
 --   orphan      true: only if the current job is neither queued nor leased (reconciler)
+--   unleased    true: only if the current job is not leased (a worker may be running it
+--               with its payload: migrate must not swap that payload under it)
 -- Returns {1, new_state} | {0, state, step} precondition failed | {-1} no such enrollment
 --       | {-2, job_id} job id taken by another enrollment | {-3} current job is not orphaned
+--       | {-4, job_id} current job is leased (running now) and `unleased` was asked
 -- A new enrollment's record says how it started (created_at, its first state and node),
 -- so its history list is only made at its first move, starting with that entry. (The same
 -- function is in worker/lua/claim.lua: scripts cannot share code.)
@@ -65,6 +68,10 @@ else
   if given(op.expect.attempt) and tonumber(attempt) ~= op.expect.attempt then ok = false end
   if given(op.expect.job) and current_job ~= op.expect.job then ok = false end
   if not ok then return {0, state, tonumber(step)} end
+end
+
+if op.unleased and current_job and redis.call('ZSCORE', leases, current_job) then
+  return {-4, current_job}
 end
 
 if op.orphan and current_job then

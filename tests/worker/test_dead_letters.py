@@ -65,7 +65,7 @@ def test_requeue_one_then_all_then_purge(cli: Any, settings: Settings) -> None:
     assert set(_queue(settings)) == {"step:c:x:1:1", "step:c:y:1:1"}
 
     code, out, _ = cli("dead-letters", "--purge")
-    assert (code, out) == (0, "purged 1 dead letters\n")
+    assert (code, out) == (0, "purged 1 dead letter\n")
     assert cli("dead-letters")[1] == "no dead letters\n"
 
 

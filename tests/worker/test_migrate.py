@@ -16,7 +16,8 @@ from app.models import State
 from app.settings import Settings
 from tests.fake_service import FakeService
 from tests.helpers import WorkerProcess, eventually
-from tests.queue_view import payload, queued
+from app.jobs import JobTarget
+from tests.queue_view import claim_one, leased, payload, queued
 from worker.embedded_redis import EmbeddedRedis
 
 LATER = datetime.now(UTC) + timedelta(hours=1)
@@ -99,6 +100,69 @@ async def test_migrate_keeps_node_and_due_time_and_swaps_the_job_payload(
     assert doc is not None and doc["k"]["node"] == "nudge"
 
 
+async def test_a_wait_whose_timeout_job_is_running_is_left_alone_until_it_is_done(
+    client: CampaignClient, svc: FakeService
+) -> None:
+    """A worker that claimed the timeout job holds version 1's payload: migrate must not
+    swap it (the record would say version 2 while the enrollment moved along version 1)."""
+    await client.register_campaign(v1(svc))
+    await client.enroll("c", "w", node="wait", run_at=LATER)
+    await client.register_campaign(v2(svc))
+    keys = client.service.keys
+    claim = await claim_one(client.service, "c:w")
+    assert claim.job_id == "timeout:c:w:1"
+    assert "timeout:c:w:1" in await leased(client.redis, keys)
+    before = await client.service.store.record("c:w")
+    job_before = await payload(client.redis, keys, "timeout:c:w:1")
+
+    report = await client.migrate("c", 2)
+    assert await client.service.store.record("c:w") == before
+    assert await payload(client.redis, keys, "timeout:c:w:1") == job_before
+    assert (report.total, report.running, report.left_count) == (0, 1, 0)
+    assert "timeout:c:w:1" in await leased(client.redis, keys)  # the worker keeps its lease
+
+    # The worker hands the job back (e.g. shutting down): now nobody runs it.
+    target = JobTarget("c:w", "c", 1, None, 0)
+    released = await client.service.release_timeout(target, job_id="timeout:c:w:1", step=1)
+    assert released.ok
+    again = await client.migrate("c", 2)
+    assert (again.moved["waiting"], again.running) == (1, 0)
+    doc = await payload(client.redis, keys, "timeout:c:w:1")
+    assert doc is not None and doc["k"]["version"] == 2
+    assert (await client.status("c:w")).campaign_version == 2
+
+
+async def test_a_scheduled_step_after_a_delay_moves_whatever_its_node(
+    client: CampaignClient,
+) -> None:
+    """After a delay the step job enters the next node whatever its type (here a wait):
+    such a scheduled enrollment migrates like any other."""
+    doc: dict[str, Any] = {
+        "id": "d",
+        "entry": "send",
+        "nodes": {
+            "send": {"type": "action", "action": "log", "next": "pause"},
+            "pause": {"type": "delay", "duration": "PT1H", "next": "wait"},
+            "wait": {"type": "wait", "event": "e", "timeout": "P1D", "on_event": "end",
+                     "on_timeout": "end"},  # fmt: skip
+            "end": {"type": "exit"},
+        },
+    }
+    await client.register_campaign(doc)
+    await client.enroll("d", "x", node="pause", run_at=LATER)
+    st = await client.status("d:x")
+    assert (st.state, st.node) == (State.SCHEDULED, "wait")  # the delay's next node, due later
+    wait2 = {**doc["nodes"]["wait"], "timeout": "P2D"}
+    await client.register_campaign({**doc, "nodes": {**doc["nodes"], "wait": wait2}})
+    report = await client.migrate("d", 2)
+    assert (report.moved["scheduled"], report.left) == (1, [])
+    st = await client.status("d:x")
+    assert (st.campaign_version, st.node, st.state) == (2, "wait", State.SCHEDULED)
+    rec = await client.service.store.record("d:x") or {}
+    job = await payload(client.redis, client.service.keys, rec["job"])
+    assert job is not None and job["k"]["version"] == 2 and job["k"]["node"] == "wait"
+
+
 async def test_a_node_of_another_kind_is_reported(client: CampaignClient, svc: FakeService) -> None:
     await client.register_campaign(v1(svc))
     await client.enroll("c", "x", node="wait", run_at=LATER)
@@ -169,11 +233,13 @@ def test_migrate_and_replay_commands(cli: Any, settings: Settings, tmp_path: Any
     code, out, _ = cli("migrate", "c", "--to-version", "2", "--dry-run")
     assert code == 1
     assert "left c:x at node 'old_nudge': node 'old_nudge' is not in version 2" in out
-    assert "would migrate 1 enrollments of 'c' to version 2" in out
+    assert "would migrate 1 enrollment of 'c' to version 2" in out
     code, out, _ = cli("migrate", "c", "--to-version", "2", "--map", "old_nudge=nudge",
                        "--state", "scheduled")  # fmt: skip
     assert code == 0, out
-    assert "migrated 1 enrollments of 'c' to version 2 (1 scheduled); 0 already on it" in out
+    assert "migrated 1 enrollment of 'c' to version 2 (1 scheduled); 0 already on it" in out
+    code, _, err = cli("migrate", "nope", "--to-version", "1")
+    assert code == 1 and "no campaign named 'nope' is registered" in err, err
     for argv, message in [
         (["--map", "old_nudge"], "write it as OLD=NEW"),
         (["--map", "a=b", "--map", "a=c"], "mapped twice"),

@@ -143,7 +143,7 @@ def test_purge_command(cli: Any, settings: Settings) -> None:
     code, out, _ = cli("purge", "--finished-before", "P30D", "--campaign", "d")
     assert (code, out.strip()) == (
         0,
-        "purged 1 finished enrollments (1 completed, 0 failed, 0 cancelled)",
+        "purged 1 finished enrollment (1 completed, 0 failed, 0 cancelled)",
     )
     before = (datetime.now(UTC) + timedelta(minutes=5)).isoformat()
     code, out, _ = cli("purge", "--finished-before", before)
