@@ -12,6 +12,7 @@ touches one slot. Campaign definitions live in a slot of their own (``{c}``).
     <prefix>:{<n>}:enr:<id>         HASH one enrollment's record
     <prefix>:{<n>}:hist:<id>        LIST its history (capped)
     <prefix>:{<n>}:idx:<c>:<state>  SET enrollment ids of campaign <c> in <state>
+    <prefix>:{<n>}:purged           HASH enrollment id -> last step of a purged enrollment
     <prefix>:{c}:campaign:<c>       HASH a campaign's versions
     <prefix>:{c}:campaigns          SET campaign ids
     <prefix>:workers                ZSET worker id -> last heartbeat (epoch s)
@@ -59,6 +60,13 @@ class ShardKeys:
     def dead(self) -> str:
         """Dead letters: jobs dropped without running, with their reason."""
         return self.base + "dead"
+
+    @property
+    def tombstones(self) -> str:
+        """Purged enrollments: enrollment id -> the last step it reached. An enrollment
+        created again with that id goes on from there, so its idempotency keys
+        (``{enrollment_id}:{step}``) never repeat."""
+        return self.base + "purged"
 
     def enrollment(self, enrollment_id: str) -> str:
         """Hash holding one enrollment's record."""

@@ -5,6 +5,10 @@ Used by ``campaign-worker purge`` and by the worker's periodic job when
 ``CAMPAIGN_RETENTION`` is set. Enrollments are found through the state index sets (SSCAN
 in slices, never KEYS), and each slice is checked and deleted in one Lua call, so an
 enrollment replayed or re-entered in the meantime is left alone.
+
+Each purged enrollment leaves a tombstone (its id and last step, in the shard's
+``<prefix>:{n}:purged`` hash): a contact enrolled again goes on from that step, so the
+idempotency keys of its actions (``{enrollment_id}:{step}``) never repeat.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ async def purge_finished(
                     cursor, members = await redis.sscan(index, cursor, count=SLICE)
                     ids = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
                     if ids:
-                        call_keys = [index]
+                        call_keys = [index, shard.tombstones]
                         for eid in ids:
                             call_keys += [shard.enrollment(eid), shard.history(eid)]
                         n = await script(keys=call_keys,

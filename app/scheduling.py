@@ -44,6 +44,7 @@ from app.planner import Plan, Planner, ms
 from app.registry import CampaignRegistry
 from app.settings import Settings
 from app.store import (
+    PURGED,
     Applied,
     EnrollmentStore,
     NewEnrollment,
@@ -299,6 +300,8 @@ class SchedulingService:
         [result] = await self.store.create_many(campaign.id, plan.state.value, common,
                                                 time_field, rows)  # fmt: skip
         eid = target.enrollment_id
+        if result == PURGED:
+            raise _Purged
         self._annotate(eid, plan.state.value, rows[0].job_id or None, plan.node)
         if result == -2:
             raise InvalidRequest(
@@ -365,31 +368,47 @@ class SchedulingService:
         _check_attributes(attributes, self.settings.max_attributes_bytes)
         place = self._placement(node, run_at, now)
         if not campaign.reentry:
-            return await self._enroll_new(campaign, target, attributes, now or datetime.now(UTC),
-                                          place)  # fmt: skip
+            try:
+                return await self._enroll_new(campaign, target, attributes,
+                                              now or datetime.now(UTC), place)  # fmt: skip
+            except _Purged:
+                pass  # enrolled before and purged: its steps go on (below)
+        result = await self._enroll_by_transition(campaign, target, contact_id, attributes,
+                                                  place, now)  # fmt: skip
+        if result.job_conflict:
+            raise InvalidRequest(
+                f"cannot enroll {contact_id!r}: job {result.job_conflict!r} is still queued "
+                "from an earlier enrollment with the same id"
+            )
+        if not result.ok:
+            hint = "" if result.state in _ACTIVE else _NO_REENTRY
+            raise AlreadyEnrolled(
+                f"contact {contact_id!r} is already enrolled in campaign {campaign_id!r} "
+                f"(enrollment {target.enrollment_id} is {result.state}){hint}"
+            )
+        return await self.status(target.enrollment_id)
+
+    async def _enroll_by_transition(
+        self, campaign: Campaign, target: JobTarget, contact_id: str,
+        attributes: Mapping[str, Any] | None, place: Placement | None, now: datetime | None,
+    ) -> Applied:  # fmt: skip
+        """Create the record through ``lua/transition.lua`` (a re-entry replaces a finished
+        one). Its steps go on from the base step the script reports: the step of the
+        finished record it replaces, or of the tombstone a purged enrollment with this id
+        left, so job ids and idempotency keys never repeat. Returns the last outcome: ok,
+        a job conflict, or the state of the record in the way."""
         base = 0
         for _ in range(_RACE_RETRIES):
             moment = now or datetime.now(UTC)
             tr = self._enroll_transition(campaign, target, contact_id, attributes, base, moment,
                                          place)  # fmt: skip
             result = await self._apply(target.enrollment_id, tr)
-            if result.ok:
-                break
-            if result.job_conflict:
-                raise InvalidRequest(
-                    f"cannot enroll {contact_id!r}: job {result.job_conflict!r} is still queued "
-                    "from an earlier enrollment with the same id"
-                )
-            if result.state in _ACTIVE or not campaign.reentry:
-                hint = "" if result.state in _ACTIVE else _NO_REENTRY
-                raise AlreadyEnrolled(
-                    f"contact {contact_id!r} is already enrolled in campaign {campaign_id!r} "
-                    f"(enrollment {target.enrollment_id} is {result.state}){hint}"
-                )
-            base = result.step or 0  # re-entry: steps keep growing so job ids stay unique
-        else:
-            raise AlreadyEnrolled(f"enrollment {target.enrollment_id} kept changing; try again")
-        return await self.status(target.enrollment_id)
+            if result.ok or result.job_conflict:
+                return result
+            if result.state is not None and (result.state in _ACTIVE or not campaign.reentry):
+                return result
+            base = result.step or 0  # go on from the finished (or purged) enrollment's step
+        raise AlreadyEnrolled(f"enrollment {target.enrollment_id} kept changing; try again")
 
     @_traced("enroll_many")
     async def enroll_many(
@@ -438,7 +457,8 @@ class SchedulingService:
                 f"nothing written from row {processed} on"
             )
 
-        pending: tuple[asyncio.Task[list[int | str]], list[_NewGroup], list[str],
+        pending: tuple[asyncio.Task[list[int | str]], list[_NewGroup],
+                       list[tuple[str, JobTarget, Mapping[str, Any], Placement | None]],
                        datetime] | None = None  # fmt: skip
 
         def stopped(
@@ -482,15 +502,29 @@ class SchedulingService:
             nonlocal pending, processed
             if pending is None:
                 return
-            task, groups, cids, moment = pending
+            task, groups, written, moment = pending
             pending = None
+            cids = [cid for cid, _, _, _ in written]
             try:
                 codes = await task
+                # Rows a purged enrollment left a tombstone for (rare): created one by one,
+                # in row order, going on from its last step.
+                purged: dict[int, Applied] = {}
+                for offset, code in enumerate(codes):
+                    if code == PURGED:
+                        cid, t, c, p = written[offset]
+                        purged[offset] = await self._enroll_by_transition(
+                            campaign, t, cid, c.get("attributes"), p, moment
+                        )
             except _WRITE_ERRORS as exc:
                 raise write_failed(exc, len(cids)) from exc
             for group in groups:
                 for row, offset in zip(group.rows, group.offsets, strict=True):
                     code = codes[offset]
+                    if code == PURGED:
+                        r = purged[offset]
+                        tally(offset, r.ok, r.job_conflict, cids)
+                        continue
                     if code == 1:
                         self._created(group.plan, row.enrollment_id, moment)
                     tally(offset, code == 1, row.job_id if code == -2 else None, cids)
@@ -509,7 +543,7 @@ class SchedulingService:
             await settle()
             task = asyncio.ensure_future(self._create_groups(campaign, groups))
             task.add_done_callback(_retrieved)
-            pending = (task, groups, [cid for cid, _, _, _ in batch], moment)
+            pending = (task, groups, list(batch), moment)
             batch.clear()
 
         async def flush() -> None:
@@ -536,13 +570,24 @@ class SchedulingService:
                         raise stopped(processed + offset, str(exc)) from None
                     items.append((t.enrollment_id, tr))
                 results = await self.store.apply_many(items)
+                for offset, r in enumerate(results):
+                    if not r.ok and r.state is None and not r.job_conflict:
+                        # no record, and a purged enrollment's tombstone says another base
+                        # step (rare): one by one, going on from it
+                        _, t, c, p = batch[offset]
+                        results[offset] = await self._enroll_by_transition(
+                            campaign, t, batch[offset][0], c.get("attributes"), p, moment
+                        )
+                        if results[offset].ok:
+                            items[offset] = (t.enrollment_id, dataclasses.replace(
+                                items[offset][1], history=[]))  # _apply reported it
             except EnrollManyError:
                 raise
             except _WRITE_ERRORS as exc:
                 raise write_failed(exc, len(batch)) from exc
             cids = [cid for cid, _, _, _ in batch]
             for offset, ((eid, tr), r) in enumerate(zip(items, results, strict=True)):
-                if r.ok and self.on_transition is not None:
+                if r.ok and self.on_transition is not None and tr.history:
                     self.on_transition(eid, tr.history[0])
                 tally(offset, r.ok, r.job_conflict, cids)
             processed += len(batch)
@@ -1048,6 +1093,10 @@ def _retrieved(task: asyncio.Task[Any]) -> None:
     as "never retrieved" noise (the caller was told how far it got)."""
     if not task.cancelled():
         task.exception()
+
+
+class _Purged(Exception):
+    """The fast path found a tombstone: this enrollment must be created by a transition."""
 
 
 class _RowError(Exception):

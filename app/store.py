@@ -29,6 +29,7 @@ from app.keys import Keys, ShardKeys
 from app.models import EnrollmentStatus, ErrorInfo, HistoryEntry, State, ms_to_datetime
 
 __all__ = [
+    "PURGED",
     "Applied",
     "EnrollmentStore",
     "NewEnrollment",
@@ -43,6 +44,8 @@ _STATES = [s.value for s in State]
 #: Contacts per call of lua/enroll.lua (about 20 ms of Redis time each).
 ENROLL_CHUNK = 1000
 _TERMINAL = ["completed", "failed", "cancelled"]
+#: :meth:`EnrollmentStore.create_many`'s code for a row whose enrollment id has a tombstone.
+PURGED = -3
 
 
 def now_ms() -> int:
@@ -252,6 +255,7 @@ class EnrollmentStore:
             shard.queue,
             shard.leases,
             shard.jobs,
+            shard.tombstones,
             *(shard.state_index(tr.campaign_id, s) for s in states),
         ]
         return keys, [orjson.dumps(op)]
@@ -291,7 +295,9 @@ class EnrollmentStore:
                           time_field: str, rows: Sequence[NewEnrollment]) -> list[int | str]:  # fmt: skip
         """Create many records of one campaign that all start in ``state``: one Lua call per
         shard (``lua/enroll.lua``). Returns, per row: 1 created, -2 its job id is taken,
-        else the state of the record that already exists."""
+        :data:`PURGED` (not created: a purged enrollment with this id left a tombstone, so
+        it must be created through a transition that goes on from its last step), else
+        the state of the record that already exists."""
         by_shard: dict[int, list[int]] = {}
         for i, row in enumerate(rows):
             by_shard.setdefault(self.keys.shard_of(row.enrollment_id), []).append(i)
@@ -304,7 +310,8 @@ class EnrollmentStore:
         ]
         for n, indexes in chunks:  # bounded calls: a huge batch never blocks Redis for long
             shard = self.keys.shard(n)
-            keys = [shard.queue, shard.jobs, shard.state_index(campaign_id, state)]
+            keys = [shard.queue, shard.jobs, shard.state_index(campaign_id, state),
+                    shard.tombstones]  # fmt: skip
             packed = []
             for i in indexes:
                 row = rows[i]

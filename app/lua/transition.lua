@@ -7,21 +7,25 @@
 -- queueing the next node's job are one call.
 --
 -- KEYS[1] enrollment hash  KEYS[2] history list  KEYS[3] queue  KEYS[4] leases  KEYS[5] jobs
--- KEYS[6..] the campaign's index sets of the states in `idx` (every state the record may be
+-- KEYS[6] the shard's tombstones (enrollment id -> last step of a purged enrollment)
+-- KEYS[7..] the campaign's index sets of the states in `idx` (every state the record may be
 --           in or move to), in that order
 -- ARGV[1] JSON operation:
 --   id          enrollment id (index set member)     campaign  its campaign id
 --   idx         the states whose index set keys follow KEYS[5]
 --   expect      {states = {...}, step = n|nil, attempt = n|nil, job = id|nil}
 --   create      create the record (it must not exist, unless `reentry` and it is terminal
---               with step == expect.step)
+--               with step == expect.step). With no record, expect.step must be the step
+--               its tombstone keeps (0 without one): a purged enrollment's steps go on,
+--               so its idempotency keys never repeat; creating it deletes the tombstone.
 --   set, unset  fields to write / delete          history {json, ...}  history_limit n
 --   add_job     {id, payload, score}: becomes the current job
 --   requeue     ms: hand the current job back (lease dropped, queued at ms), keep it current
 --   orphan      true: only if the current job is neither queued nor leased (reconciler)
 --   unleased    true: only if the current job is not leased (a worker may be running it
 --               with its payload: migrate must not swap that payload under it)
--- Returns {1, new_state} | {0, state, step} precondition failed | {-1} no such enrollment
+-- Returns {1, new_state} | {0, state, step} precondition failed ({0, '', step}: no record,
+--         and the step its tombstone keeps) | {-1} no such enrollment
 --       | {-2, job_id} job id taken by another enrollment | {-3} current job is not orphaned
 --       | {-4, job_id} current job is leased (running now) and `unleased` was asked
 -- A new enrollment's record says how it started (created_at, its first state and node),
@@ -38,8 +42,9 @@ end
 
 local op = cjson.decode(ARGV[1])
 local enr, hist, queue, leases, jobs = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local tombstones = KEYS[6]
 local index = {}
-for i, s in ipairs(op.idx) do index[s] = KEYS[5 + i] end
+for i, s in ipairs(op.idx) do index[s] = KEYS[6 + i] end
 local function given(v) return v ~= nil and v ~= cjson.null end
 
 local cur = redis.call('HMGET', enr, 'state', 'step', 'attempt', 'campaign', 'job')
@@ -51,8 +56,9 @@ if op.create then
     if not (op.reentry and terminal and tonumber(step) == op.expect.step) then
       return {0, state, tonumber(step)}
     end
-  elseif op.expect.step ~= 0 then
-    return {0, '', 0}
+  else
+    local base = tonumber(redis.call('HGET', tombstones, op.id)) or 0
+    if op.expect.step ~= base then return {0, '', base} end
   end
 else
   if not state then return {-1} end
@@ -93,6 +99,7 @@ end
 -- All checks passed: write. (The history list is started from the record as it was.)
 local write_history = op.history and #op.history > 0 and not (op.create and not state)
 if write_history then start_history(hist, enr) end
+if op.create then redis.call('HDEL', tombstones, op.id) end
 if given(op.requeue) then
   if current_job and redis.call('HEXISTS', jobs, current_job) == 1 then
     redis.call('ZREM', leases, current_job)
