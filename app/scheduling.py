@@ -227,11 +227,17 @@ class SchedulingService:
         rows that start alike (state, node, step): the fields every record of the group
         shares, the name of its due-time field, and a row per contact. Where the entry's
         plan does not depend on the contact (no business hours in its zone), it is made
-        once per time zone, not per contact. A plain batch is one group."""
+        once per time zone, not per contact. A plain batch is one group.
+
+        A contact that is in the batch more than once: its second row goes in a group
+        written after every first row, its third after those, and so on (the groups come
+        in that order), so the first row wins and the others count as already enrolled,
+        as they would in later batches."""
         at = _ms(now)
         enqueued = now_ms()  # "et": when it was queued, whatever time the plan was made for
         plans: dict[str | None, Plan] = {}
-        groups: dict[tuple[str, str, int, bool, bool], _NewGroup] = {}
+        groups: dict[tuple[int, str, str, int, bool, bool], _NewGroup] = {}
+        seen: dict[str, int] = {}  # enrollment id -> rows of it so far
         for offset, (target, contact, place) in enumerate(batch):
             tz = target.timezone
             if place is None and tz in plans:
@@ -254,8 +260,10 @@ class SchedulingService:
                 eid, job_id, payload, max(_ms(due), at) if due is not None else 0,
                 orjson.dumps(dict(attributes or {})).decode(), tz or "",
             )  # fmt: skip
-            shape = (plan.state.value, plan.node or "", plan.step, plan.run_at is not None,
-                     plan.error is not None)  # fmt: skip
+            generation = seen.get(eid, 0)
+            seen[eid] = generation + 1
+            shape = (generation, plan.state.value, plan.node or "", plan.step,
+                     plan.run_at is not None, plan.error is not None)  # fmt: skip
             group = groups.get(shape)
             if group is None:
                 common = {"state": plan.state.value, "node": plan.node or "",
@@ -267,10 +275,10 @@ class SchedulingService:
                 time_field = (
                     "run_at" if plan.run_at is not None else "deadline" if plan.deadline else ""
                 )
-                group = groups[shape] = _NewGroup(plan, common, time_field, [], [])
+                group = groups[shape] = _NewGroup(plan, common, time_field, [], [], generation)
             group.rows.append(row)
             group.offsets.append(offset)
-        return list(groups.values())
+        return sorted(groups.values(), key=lambda g: g.generation)  # stable: first rows first
 
     async def _create_groups(
         self, campaign: Campaign, groups: Sequence[_NewGroup]
@@ -346,6 +354,27 @@ class SchedulingService:
                     f"({format_duration(self.settings.max_duration)})"
                 )
         return Placement(node, when)
+
+    def check_enroll_row(
+        self, campaign: Campaign, contact: Any, now: datetime | None = None
+    ) -> tuple[str, JobTarget, Placement | None]:
+        """Check one row of :meth:`enroll_many` for ``campaign`` (the version it would be
+        enrolled in) without writing anything: a dict with a valid ``contact_id``,
+        ``timezone`` and ``attributes``, and a ``node``/``run_at`` placement whose node
+        exists in that version. Returns (contact id, job target, placement); raises
+        :class:`~app.errors.InvalidRequest` naming the problem. Only planning (e.g. a
+        business-hours span past the horizon) can still refuse a row that passes."""
+        if not isinstance(contact, Mapping) or "contact_id" not in contact:
+            raise InvalidRequest("must be a dict with a 'contact_id'")
+        cid = contact["contact_id"]
+        target = self._target(campaign, cid, contact.get("timezone"))
+        _check_attributes(contact.get("attributes"), self.settings.max_attributes_bytes)
+        place = self._placement(contact.get("node"), contact.get("run_at"), now)
+        if place is not None and place.node is not None and place.node not in campaign.nodes:
+            raise InvalidRequest(
+                f"node {place.node!r} is not in campaign {campaign.id!r} version {campaign.version}"
+            )
+        return cid, target, place
 
     @_traced("enroll")
     async def enroll(
@@ -579,8 +608,10 @@ class SchedulingService:
                             campaign, t, batch[offset][0], c.get("attributes"), p, moment
                         )
                         if results[offset].ok:
-                            items[offset] = (t.enrollment_id, dataclasses.replace(
-                                items[offset][1], history=[]))  # _apply reported it
+                            items[offset] = (
+                                t.enrollment_id,
+                                dataclasses.replace(items[offset][1], history=[]),
+                            )  # _apply reported it
             except EnrollManyError:
                 raise
             except _WRITE_ERRORS as exc:
@@ -606,12 +637,7 @@ class SchedulingService:
                 raise stopped(index + 1, reason, kind) from exc
             index += 1
             try:
-                if not isinstance(contact, Mapping) or "contact_id" not in contact:
-                    raise InvalidRequest("must be a dict with a 'contact_id'")
-                cid = contact["contact_id"]
-                target = self._target(campaign, cid, contact.get("timezone"))
-                _check_attributes(contact.get("attributes"), self.settings.max_attributes_bytes)
-                place = self._placement(contact.get("node"), contact.get("run_at"), now)
+                cid, target, place = self.check_enroll_row(campaign, contact, now)
             except InvalidRequest as exc:
                 await settle()
                 raise stopped(index, str(exc)) from None
@@ -1136,6 +1162,8 @@ class _NewGroup:
     time_field: str
     rows: list[NewEnrollment]
     offsets: list[int]
+    #: 0 for a contact's first row in the batch, 1 for its second, ...: written in order.
+    generation: int = 0
 
 
 def _check_run_at(value: Any) -> datetime:

@@ -4,6 +4,12 @@ Each line of a JSON-lines file is one enrollment, placed at its node with its du
 (``enroll_many`` rows with ``node`` and ``run_at``). A bad row is reported by its line
 number and left out; the rest is imported. Running the same file again is safe:
 contacts already enrolled are skipped.
+
+Rows are checked one by one before a batch is sent (the checks ``enroll_many`` makes:
+:meth:`app.scheduling.SchedulingService.check_enroll_row`), so a bad row costs nothing
+more than its check; only a row that cannot be planned is found by ``enroll_many``,
+and then the rest of its batch is sent again. A contact that appears twice among the
+rows waiting to be sent is a bad row ("duplicate of line M"): the first one is kept.
 """
 
 from __future__ import annotations
@@ -56,6 +62,8 @@ def _rows(path: Path, report: ImportReport) -> Iterator[tuple[int, dict[str, Any
         raise InvalidRequest(f"{path}: cannot read: {exc.strerror or exc}") from None
     with handle:
         for number, raw in enumerate(handle, 1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte order mark (some editors and exports add one)
             if not raw.strip():
                 continue
             report.read += 1
@@ -83,11 +91,15 @@ def _rows(path: Path, report: ImportReport) -> Iterator[tuple[int, dict[str, Any
 
 
 async def import_file(
-    client: CampaignClient, path: Path, batch: int, out: TextIO, err: TextIO = sys.stderr
+    client: CampaignClient, path: Path, batch: int, out: TextIO, err: TextIO | None = None
 ) -> int:
-    """Import the enrollments of a JSON-lines file; exit 1 when any row was bad."""
+    """Import the enrollments of a JSON-lines file; exit 1 when any row was bad. Bad rows
+    are listed on ``err`` (standard error when None)."""
+    err = sys.stderr if err is None else err
     report = ImportReport()
     pending: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    #: campaign -> contact id -> the line of its row among the pending ones
+    lines_of: dict[str, dict[str, int]] = {}
     unknown_campaigns: dict[str, str] = {}
     started = last_shown = time.monotonic()
 
@@ -103,11 +115,26 @@ async def import_file(
 
     async def flush(campaign_id: str) -> None:
         rows = pending.pop(campaign_id, [])
+        lines_of.pop(campaign_id, None)
+        if campaign_id not in unknown_campaigns:
+            try:
+                campaign = await client.service.registry.get(campaign_id)
+            except CampaignNotFound as exc:
+                unknown_campaigns[campaign_id] = str(exc)
         if campaign_id in unknown_campaigns:
             for number, _ in rows:
                 report.reject(number, unknown_campaigns[campaign_id])
             return
-        while rows:
+        good = []
+        for number, row in rows:  # the checks enroll_many makes, one row at a time
+            try:
+                client.service.check_enroll_row(campaign, row)
+            except InvalidRequest as exc:
+                report.reject(number, str(exc))
+                continue
+            good.append((number, row))
+        rows = good
+        while rows:  # a row that cannot be planned (rare) stops the batch: the rest again
             try:
                 result = await client.enroll_many(
                     campaign_id, [r for _, r in rows], batch_size=len(rows)
@@ -119,10 +146,14 @@ async def import_file(
                 return
             except EnrollManyError as exc:
                 if not isinstance(exc, InvalidRequest):  # Redis down, or worse: stop here
+                    first = rows[min(exc.processed, len(rows) - 1)][0]
+                    cause = exc.__cause__
+                    why = f"{type(cause).__name__}: {cause}" if cause is not None else exc.reason
                     raise InvalidRequest(
-                        f"{path}:{rows[min(exc.row, len(rows) - 1)][0]}: {exc.reason}; "
-                        f"{report.imported + exc.enrolled} rows imported so far; running the "
-                        "same file again is safe (rows already imported are skipped)"
+                        f"{path}:{first}: writing the rows of lines {first}-{rows[-1][0]} "
+                        f"failed: {why}; {report.imported + exc.enrolled} rows imported so "
+                        "far; running the same file again is safe (rows already imported "
+                        "are skipped)"
                     ) from None
                 # A bad row: nothing of this batch was written. Report it; send the rest.
                 report.imported += exc.enrolled
@@ -137,6 +168,13 @@ async def import_file(
 
     for number, row in _rows(path, report):
         campaign_id = row.pop("campaign_id")
+        contact = row.get("contact_id")
+        if isinstance(contact, str):
+            seen = lines_of.setdefault(campaign_id, {})
+            if contact in seen:
+                report.reject(number, f"duplicate of line {seen[contact]}")
+                continue
+            seen[contact] = number
         chunk = pending.setdefault(campaign_id, [])
         chunk.append((number, row))
         if len(chunk) >= batch:

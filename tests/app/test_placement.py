@@ -138,3 +138,23 @@ async def test_reentry_campaign_places_too(client: CampaignClient) -> None:
     await client.register_campaign({**CAMPAIGN, "reentry": True})
     status = await client.service.enroll("c", "a", node="nudge", run_at=LATER, now=NOW)
     assert (status.node, status.run_at) == ("nudge", LATER)
+
+
+async def test_a_contact_twice_in_one_batch_keeps_its_first_row(campaign: CampaignClient) -> None:
+    """The rows are grouped by how they start; a contact's second row must not win just
+    because its group is written first: it counts as already enrolled, as in a later
+    batch."""
+    rows: list[dict[str, Any]] = [
+        {"contact_id": "b", "node": "reply", "run_at": LATER},
+        {"contact_id": "a"},
+        {"contact_id": "a", "node": "reply", "run_at": LATER},
+        {"contact_id": "a", "node": "nudge", "run_at": LATER},
+    ]
+    result = await campaign.service.enroll_many("c", rows, now=NOW)
+    assert (int(result), result.already_enrolled) == (2, 2)
+    st = await campaign.status("c:a")
+    assert (st.state, st.node, st.run_at) == (State.SCHEDULED, "welcome", NOW)
+    assert await queued(campaign.redis, campaign.service.keys) == {
+        "step:c:a:1:1": ms(NOW),
+        "timeout:c:b:1": ms(LATER),
+    }
