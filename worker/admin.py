@@ -523,9 +523,7 @@ async def migrate(
         print(f"... and {report.left_count - len(report.left)} more left alone", file=out)
     parts = ", ".join(f"{n} {state}" for state, n in report.moved.items())
     verb = "would migrate" if dry_run else "migrated"
-    running = (
-        f", {report.running} running now (run migrate again)" if report.running else ""
-    )
+    running = f", {report.running} running now (run migrate again)" if report.running else ""
     print(f"{verb} {_count(report.total, 'enrollment')} of {campaign!r} to version {to_version} "
           f"({parts}); {report.already} already on it, {report.left_count} left alone, "
           f"{report.changed} changed meanwhile{running}", file=out)  # fmt: skip

@@ -18,8 +18,13 @@ CAMPAIGN: dict[str, Any] = {
     "entry": "send",
     "nodes": {
         "send": {"type": "action", "action": "log", "next": "wait"},
-        "wait": {"type": "wait", "event": "e", "timeout": "P3D", "on_event": "end",
-                 "on_timeout": "end"},  # fmt: skip
+        "wait": {
+            "type": "wait",
+            "event": "e",
+            "timeout": "P3D",
+            "on_event": "end",
+            "on_timeout": "end",
+        },
         "end": {"type": "exit"},
     },
 }

@@ -12,11 +12,11 @@ import pytest
 
 from app.client import CampaignClient
 from app.errors import CampaignNotFound, InvalidRequest
+from app.jobs import JobTarget
 from app.models import State
 from app.settings import Settings
 from tests.fake_service import FakeService
 from tests.helpers import WorkerProcess, eventually
-from app.jobs import JobTarget
 from tests.queue_view import claim_one, leased, payload, queued
 from worker.embedded_redis import EmbeddedRedis
 
@@ -143,8 +143,13 @@ async def test_a_scheduled_step_after_a_delay_moves_whatever_its_node(
         "nodes": {
             "send": {"type": "action", "action": "log", "next": "pause"},
             "pause": {"type": "delay", "duration": "PT1H", "next": "wait"},
-            "wait": {"type": "wait", "event": "e", "timeout": "P1D", "on_event": "end",
-                     "on_timeout": "end"},  # fmt: skip
+            "wait": {
+                "type": "wait",
+                "event": "e",
+                "timeout": "P1D",
+                "on_event": "end",
+                "on_timeout": "end",
+            },
             "end": {"type": "exit"},
         },
     }
