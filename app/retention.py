@@ -15,16 +15,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 from arq.connections import ArqRedis
 
+from app.durations import format_duration
+from app.errors import InvalidRequest
 from app.keys import Keys
 from app.models import State
 from app.registry import CampaignRegistry
 from app.store import load_script
 
-__all__ = ["FINISHED_STATES", "PurgeResult", "purge_finished"]
+__all__ = ["FINISHED_STATES", "PurgeResult", "finished_cutoff", "purge_finished"]
 
 FINISHED_STATES = (State.COMPLETED.value, State.FAILED.value, State.CANCELLED.value)
 SLICE = 500
@@ -42,10 +44,37 @@ class PurgeResult:
         return sum(self.by_state.values())
 
 
+def finished_cutoff(finished_before: datetime | timedelta, now: datetime | None = None) -> datetime:
+    """The instant a purge deletes up to: ``finished_before`` itself (timezone-aware), or
+    ``now`` minus it for a duration. A negative duration, one reaching back past the
+    year 1, or an instant without a UTC offset is an :class:`~app.errors.InvalidRequest`
+    naming the value."""
+    if isinstance(finished_before, timedelta):
+        if finished_before < timedelta(0):
+            raise InvalidRequest(
+                f"finished_before must not be a negative duration (got {finished_before})"
+            )
+        try:
+            return (now or datetime.now(UTC)) - finished_before
+        except OverflowError:
+            raise InvalidRequest(
+                f"finished_before: {format_duration(finished_before)} is too long (it reaches "
+                "back past the year 1)"
+            ) from None
+    if not isinstance(finished_before, datetime):
+        raise InvalidRequest(
+            "finished_before must be a datetime or a timedelta, not "
+            f"{type(finished_before).__name__}"
+        )
+    if finished_before.tzinfo is None or finished_before.utcoffset() is None:
+        raise InvalidRequest("finished_before must be timezone-aware")
+    return finished_before
+
+
 async def purge_finished(
     redis: ArqRedis,
     keys: Keys,
-    before: datetime,
+    before: datetime | timedelta,
     *,
     campaigns: Sequence[str] | None = None,
     dry_run: bool = False,
@@ -53,7 +82,9 @@ async def purge_finished(
 ) -> PurgeResult:
     """Delete enrollments that finished at or before ``before`` (all campaigns, or those
     named), with their history and index entries; ``dry_run`` only counts them.
-    ``progress`` is called after each slice."""
+    ``before`` may be a duration (finished more than that long ago): see
+    :func:`finished_cutoff`. ``progress`` is called after each slice."""
+    before = finished_cutoff(before)
     script = redis.register_script(load_script("app", "purge.lua"))
     cutoff = int(before.timestamp() * 1000)
     if campaigns is None:

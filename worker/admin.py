@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 import time
 import uuid
@@ -23,6 +24,7 @@ from app.connection import arq_redis, open_redis
 from app.errors import CampaignError, CorruptRecord, EnrollManyError, InvalidRequest
 from app.keys import Keys
 from app.models import EnrollmentStatus, State
+from app.retention import finished_cutoff
 from app.settings import ConfigError, Settings
 
 __all__ = [
@@ -436,25 +438,45 @@ async def list_enrollments(
 
 
 def parse_finished_before(text: str) -> datetime | timedelta:
-    """``--finished-before``: an ISO 8601 duration (``P30D``, ``PT0S``) or an instant with
-    an offset (``2026-11-01T00:00:00Z``); anything else is a CampaignError naming it."""
+    """``--finished-before``: an ISO 8601 duration in days, hours, minutes or seconds
+    (``P30D``, ``PT0S``), a number of seconds (``2592000``, as ``CAMPAIGN_RETENTION``), or
+    an instant with an offset (``2026-11-01T00:00:00Z``); anything else (a negative
+    duration, years or months, which have no fixed length) is a CampaignError naming it."""
     value = text.strip()
-    if value[:1] in {"P", "p", "-"}:
+    duration: timedelta | None = None
+    if re.fullmatch(r"\d{1,12}(\.\d{1,9})?", value):
+        duration = timedelta(seconds=float(value))
+    elif value[:1] in {"P", "p", "-", "+"}:
+        upper = value.upper()
+        if upper.startswith("-"):
+            raise CampaignError(f"--finished-before: {text!r} is negative; write e.g. P30D")
+        if re.search(r"[YM]", upper.partition("T")[0]):
+            raise CampaignError(
+                f"--finished-before: {text!r}: years and months have no fixed length; write "
+                "days (P365D, P30D)"
+            )
         try:
-            duration = TypeAdapter(timedelta).validate_python(value.upper())
-        except ValidationError:
+            duration = TypeAdapter(timedelta).validate_python(upper)
+        except (ValidationError, OverflowError):
             duration = None
         if duration is None or duration < timedelta(0):
             raise CampaignError(
                 f"--finished-before: {text!r} is not an ISO 8601 duration such as P30D or PT0S"
             )
+    if duration is not None:
+        try:
+            finished_cutoff(duration)
+        except InvalidRequest:
+            raise CampaignError(
+                f"--finished-before: {text!r} is too long (it reaches back past the year 1)"
+            ) from None
         return duration
     try:
         when = datetime.fromisoformat(value)
     except ValueError:
         raise CampaignError(
-            f"--finished-before: {text!r} is neither an ISO 8601 duration (P30D, PT0S) nor "
-            "an instant (2026-11-01T00:00:00Z)"
+            f"--finished-before: {text!r} is neither an ISO 8601 duration (P30D, PT0S), a "
+            "number of seconds, nor an instant (2026-11-01T00:00:00Z)"
         ) from None
     if when.tzinfo is None:
         raise CampaignError(f"--finished-before: {text!r} has no UTC offset (add Z or +01:00)")
@@ -466,7 +488,7 @@ async def purge(
     out: TextIO,
 ) -> int:  # fmt: skip
     """Delete (or with ``dry_run`` count) finished enrollments and print the count."""
-    result = await client.purge(before, campaign_id=campaign, dry_run=dry_run)
+    result = await client.purge(finished_cutoff(before), campaign_id=campaign, dry_run=dry_run)
     parts = ", ".join(f"{n} {state}" for state, n in result.by_state.items())
     verb = "would purge" if dry_run else "purged"
     print(f"{verb} {_count(result.total, 'finished enrollment')} ({parts})", file=out)

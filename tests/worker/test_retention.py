@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from app.client import CampaignClient
-from app.errors import CampaignNotFound, EnrollmentNotFound
+from app.errors import CampaignNotFound, EnrollmentNotFound, InvalidRequest
+from app.retention import finished_cutoff, purge_finished
 from app.models import State
 from app.settings import Settings
 from worker.maintenance import maintenance_crons, retention_run
@@ -157,3 +158,44 @@ def test_purge_command(cli: Any, settings: Settings) -> None:
         assert code == 1 and message in err, err
     code, _, err = cli("purge", "--finished-before", "PT0S", "--campaign", "nope")
     assert code == 1 and "nope" in err
+
+
+def test_purge_durations_at_the_edges(cli: Any, settings: Settings) -> None:
+    """Too long a duration, a negative one, years and months are refused by name (no
+    traceback); a plain number of seconds is a duration, as in CAMPAIGN_RETENTION."""
+
+    async def setup() -> None:
+        async with CampaignClient(settings=settings) as client:
+            await _setup(client)
+
+    asyncio.run(setup())
+    for bad, message in [
+        ("P99999999D", "'P99999999D' is too long"),
+        ("-P1D", "'-P1D' is negative"),
+        ("P1Y", "years and months have no fixed length"),
+        ("P2M", "years and months have no fixed length"),
+        ("P1Y2M3DT4H", "years and months have no fixed length"),
+    ]:
+        code, _, err = cli("purge", f"--finished-before={bad}", "--dry-run")
+        assert code == 1 and message in err and "Traceback" not in err, (bad, err)
+    code, out, _ = cli("purge", "--finished-before", str(30 * 86400), "--dry-run")
+    assert (code, out.strip()) == (
+        0,
+        "would purge 6 finished enrollments (4 completed, 0 failed, 2 cancelled)",
+    )
+    code, out, _ = cli("purge", "--finished-before", "PT5M", "--dry-run")
+    assert code == 0 and out.startswith("would purge 6 ")
+
+
+async def test_a_negative_or_overflowing_duration_is_refused(client: CampaignClient) -> None:
+    await _setup(client)
+    keys = client.service.keys
+    with pytest.raises(InvalidRequest, match="must not be a negative duration"):
+        await purge_finished(client.redis, keys, timedelta(days=-1))
+    with pytest.raises(InvalidRequest, match="too long"):
+        await purge_finished(client.redis, keys, timedelta(days=99_999_999))
+    with pytest.raises(InvalidRequest, match="timezone-aware"):
+        finished_cutoff(datetime(2026, 1, 1))
+    assert finished_cutoff(timedelta(days=1), NOW) == NOW - timedelta(days=1)
+    result = await purge_finished(client.redis, keys, timedelta(days=30), dry_run=True)
+    assert result.total == 6
