@@ -21,7 +21,13 @@ from pydantic import TypeAdapter, ValidationError
 from app import overview
 from app.client import CampaignClient
 from app.connection import arq_redis, open_redis
-from app.errors import CampaignError, CorruptRecord, EnrollManyError, InvalidRequest
+from app.errors import (
+    CampaignError,
+    CorruptRecord,
+    EnrollManyError,
+    EnrollmentNotFound,
+    InvalidRequest,
+)
 from app.keys import Keys
 from app.models import EnrollmentStatus, State
 from app.retention import finished_cutoff
@@ -304,9 +310,14 @@ async def replay(
     client: CampaignClient, enrollment_id: str | None, group: str | None, out: TextIO,
     *, to_version: int | None = None,
 ) -> int:  # fmt: skip
-    """Replay one failed enrollment, or every one in a failure group (on ``to_version``)."""
+    """Replay one failed enrollment, or every one in a failure group (on ``to_version``).
+    A member that cannot be replayed is printed with the reason; exit 1 when one was
+    skipped for any reason but having been replayed (or changed) meanwhile."""
+    campaign = None
     if to_version is not None:
-        await client.get_campaign((enrollment_id or group or "").partition(":")[0], to_version)
+        campaign = await client.get_campaign(
+            (enrollment_id or group or "").partition(":")[0], to_version
+        )
     if enrollment_id:
         st = await client.replay(enrollment_id, to_version=to_version)
         print(f"replayed {_status_line(st)}", file=out)
@@ -315,19 +326,31 @@ async def replay(
     parts = group.split(":")
     if len(parts) != 3:
         raise InvalidRequest(f"--group must be CAMPAIGN:NODE:ERROR (got {group!r})")
+    if campaign is not None and parts[1] != "-" and parts[1] not in campaign.nodes:
+        raise InvalidRequest(
+            f"--group {group}: node {parts[1]!r} is not in version {to_version} of campaign "
+            f"{parts[0]!r}; replay on a version that has it, or migrate with --map first"
+        )
     groups = await failure_groups(client, parts[0])
     members = groups.get((parts[0], parts[1], parts[2]), [])
-    done = 0
+    done = failed = 0
     for eid, _ in members:
         try:
             await client.replay(eid, to_version=to_version)
             done += 1
-        except InvalidRequest:
-            pass  # it changed meanwhile (replayed by someone else): nothing to do
+            continue
+        except (InvalidRequest, EnrollmentNotFound) as exc:
+            why = str(exc)
+            state = (await client.service.store.records([eid], "state"))[0][0]
+            if state != State.FAILED:  # replayed (or purged) by someone else: nothing to do
+                print(f"  skipped {eid}: {state or 'gone'} now, no longer failed", file=out)
+                continue
         except CorruptRecord as exc:  # that one cannot be read: say so, replay the others
-            print(f"  skipped: {exc}", file=out)
+            why = str(exc)
+        failed += 1
+        print(f"  skipped {eid}: {why}", file=out)
     print(f"replayed {done} of {len(members)} failed enrollments in {group}", file=out)
-    return 0
+    return 1 if failed else 0
 
 
 async def dead_letters(client: CampaignClient, limit: int, out: TextIO) -> int:

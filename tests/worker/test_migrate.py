@@ -17,7 +17,7 @@ from app.models import State
 from app.settings import Settings
 from tests.fake_service import FakeService
 from tests.helpers import WorkerProcess, eventually
-from tests.queue_view import claim_one, leased, payload, queued
+from tests.queue_view import claim_due, claim_one, leased, payload, queued
 from worker.embedded_redis import EmbeddedRedis
 
 LATER = datetime.now(UTC) + timedelta(hours=1)
@@ -256,3 +256,38 @@ def test_migrate_and_replay_commands(cli: Any, settings: Settings, tmp_path: Any
     assert code == 1 and "version 9" in err
     code, _, err = cli("replay", "c:y", "--to-version", "2")
     assert code == 1 and "only failed enrollments can be replayed" in err
+
+
+def test_replay_group_says_what_it_skipped(cli: Any, settings: Settings) -> None:
+    """``replay --group --to-version N``: a node missing in N is one clear line and exit 1
+    (not "replayed 0 of 2"); a member skipped for another reason is printed, exit 1."""
+
+    async def setup() -> None:
+        svc = FakeService(port=9)
+        async with CampaignClient(settings=settings) as client:
+            await client.register_campaign(v1(svc))
+            for contact in ("a", "b"):
+                await client.enroll("c", contact)
+            batch = await claim_due(client.service)
+            assert len(batch.claims) == 2
+            for claim in batch.claims:
+                failed = await client.service.fail(
+                    claim.payload.target, job_id=claim.job_id, node="send", step=1, attempt=1,
+                    error={"type": "Boom", "message": "boom"},
+                )  # fmt: skip
+                assert failed.ok
+            await client.register_campaign(v2(svc))
+            without_send = v2(svc)
+            without_send["nodes"]["post"] = without_send["nodes"].pop("send")
+            without_send["entry"] = "post"
+            assert await client.register_campaign(without_send) == 3
+            await client.redis.hset(client.service.keys.enrollment("c:b"), "version", "x")  # type: ignore[misc]
+
+    asyncio.run(setup())
+    code, out, err = cli("replay", "--group", "c:send:Boom", "--to-version", "3")
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and "node 'send' is not in version 3" in err, err
+    code, out, _ = cli("replay", "--group", "c:send:Boom", "--to-version", "2")
+    assert code == 1
+    assert "skipped c:b: enrollment 'c:b': stored field 'version'" in out
+    assert "replayed 1 of 2 failed enrollments in c:send:Boom" in out
