@@ -11,8 +11,8 @@ import pytest
 
 from app.client import CampaignClient
 from app.errors import CampaignNotFound, EnrollmentNotFound, InvalidRequest
-from app.retention import finished_cutoff, purge_finished
 from app.models import State
+from app.retention import finished_cutoff, purge_finished
 from app.settings import Settings
 from worker.maintenance import maintenance_crons, retention_run
 from worker.metrics import metrics
