@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import sys
 import time
@@ -533,7 +534,15 @@ async def dead_letter_action(
         raise CampaignError("--all goes with --requeue: dead-letters --requeue --all")
     if bool(requeue) == every:
         raise CampaignError("--requeue takes a job id or --all (not both, not neither)")
-    report = await requeue_dead_letters(client, requeue or None)
+    # The reconciler's repair logs each re-created job (a warning) for a worker's log
+    # pipeline; here the outcome is printed below, line by line, so only its errors show.
+    reconciler_log = logging.getLogger("worker.reconciler")
+    level = reconciler_log.level
+    reconciler_log.setLevel(max(level, logging.ERROR))
+    try:
+        report = await requeue_dead_letters(client, requeue or None)
+    finally:
+        reconciler_log.setLevel(level)
     for line in report.lines:
         print(line, file=out)
     print(f"requeued {report.requeued}, dropped {report.dropped} (nothing to requeue), "

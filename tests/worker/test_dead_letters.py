@@ -48,16 +48,18 @@ def test_requeue_one_then_all_then_purge(cli: Any, settings: Settings) -> None:
     code, out, _ = cli("dead-letters")
     assert code == 0 and "4 of 4 shown" in out
 
-    code, out, _ = cli("dead-letters", "--requeue", "step:c:x:1:1")
+    code, out, err = cli("dead-letters", "--requeue", "step:c:x:1:1")
     assert code == 0, out
     assert "requeued step:c:x:1:1: enrollment c:x" in out
+    assert err == "" and "had no job" not in out, out  # the reconciler logs for workers
     assert set(_queue(settings)) == {"step:c:x:1:1"}  # its job is back, due as before
 
     code, out, _ = cli("dead-letters", "--requeue", "step:c:x:1:1")
     assert code == 1  # that letter is gone now
 
-    code, out, _ = cli("dead-letters", "--requeue", "--all")
+    code, out, err = cli("dead-letters", "--requeue", "--all")
     assert code == 1  # the letter naming no enrollment stays
+    assert err == "" and "had no job" not in out, out
     assert "requeued step:c:y:1:1: enrollment c:y" in out
     assert "dropped (the enrollment is cancelled) step:c:z:1:1" in out
     assert "kept 'garbage': names no enrollment" in out
