@@ -373,3 +373,34 @@ async def test_the_first_move_starts_the_history_with_the_creation(
         1000, None, "waiting", "w", "enrolled",
     )  # fmt: skip
     assert (second["from"], second["to"]) == ("waiting", "completed")
+
+
+async def test_unleased_refuses_while_the_current_job_is_leased(
+    store: EnrollmentStore, redis: Any
+) -> None:
+    await create(store, add_job=job())
+    await redis.zrem(SHARD.queue, "step:c:x:1:1")
+    await redis.zadd(SHARD.leases, {"step:c:x:1:1": now_ms() + 10_000})
+    before = await snapshot(redis)
+    tr = move("scheduled", add_job=job(), unleased=True, expect_job="step:c:x:1:1")
+    assert (await store.apply(EID, tr)).leased == "step:c:x:1:1"
+    assert await snapshot(redis) == before
+    await redis.zrem(SHARD.leases, "step:c:x:1:1")
+    await redis.zadd(SHARD.queue, {"step:c:x:1:1": now_ms()})
+    assert (await store.apply(EID, tr)).ok
+
+
+async def test_create_expects_the_step_a_purged_enrollment_left(
+    store: EnrollmentStore, redis: Any
+) -> None:
+    await redis.hset(SHARD.tombstones, EID, 4)
+    before = await snapshot(redis)
+    tr = Transition(campaign_id="c", create=True, expect_step=0,
+                    set={"state": "scheduled", "step": "5"}, history=[entry("scheduled")])  # fmt: skip
+    refused = await store.apply(EID, tr)
+    assert (refused.ok, refused.state, refused.step) == (False, None, 4)
+    assert await snapshot(redis) == before
+    tr.expect_step = 4
+    assert (await store.apply(EID, tr)).ok
+    assert await redis.hexists(SHARD.tombstones, EID) == 0
+    assert await redis.hget(SHARD.enrollment(EID), "step") == b"5"
