@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 __all__ = ["REDIS_FAULTS", "is_redis_error"]
 
@@ -12,6 +12,7 @@ __all__ = ["REDIS_FAULTS", "is_redis_error"]
 #: dropped connection mid-transaction): any RedisError, and the socket errors beneath it.
 REDIS_FAULTS: tuple[type[BaseException], ...] = (
     RedisError,
+    RedisClusterException,  # not a RedisError: e.g. slots not covered during a failover
     ConnectionError,
     OSError,
     asyncio.TimeoutError,
@@ -19,5 +20,19 @@ REDIS_FAULTS: tuple[type[BaseException], ...] = (
 
 
 def is_redis_error(exc: BaseException) -> bool:
-    """Whether ``exc`` is a Redis or network fault rather than a bug."""
-    return isinstance(exc, REDIS_FAULTS)
+    """Whether ``exc`` is a Redis or network fault rather than a bug.
+
+    An exception raised inside redis-py itself counts too: its cluster client can race
+    with its own reconnection during a failover (an ``AttributeError`` on a connection
+    closed under a pipeline), and that is an outage to wait out, not a step's failure."""
+    return isinstance(exc, REDIS_FAULTS) or _raised_in_redis_py(exc)
+
+
+def _raised_in_redis_py(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    module = str(tb.tb_frame.f_globals.get("__name__", ""))
+    return module == "redis" or module.startswith("redis.")

@@ -1,0 +1,34 @@
+"""What counts as a Redis fault (pause and retry) rather than a step's own failure."""
+
+from __future__ import annotations
+
+import pytest
+from redis.exceptions import ClusterDownError, RedisClusterException
+
+from worker.redis_errors import is_redis_error
+
+
+def _raise_in(module: str) -> BaseException:
+    code = "def boom():\n    None.writelines([b'x'])\n"
+    namespace: dict[str, object] = {"__name__": module}
+    exec(code, namespace)  # a function whose frame belongs to ``module``
+    try:
+        namespace["boom"]()  # type: ignore[operator]
+    except AttributeError as exc:
+        return exc
+    raise AssertionError("did not raise")
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (ClusterDownError("CLUSTERDOWN"), True),
+        (RedisClusterException("slots not covered"), True),
+        (ConnectionResetError(), True),
+        (_raise_in("redis.asyncio.connection"), True),  # redis-py racing its own reconnect
+        (_raise_in("worker.actions"), False),  # a bug of ours stays a bug
+        (ValueError("bad"), False),
+    ],
+)
+def test_classification(exc: BaseException, expected: bool) -> None:
+    assert is_redis_error(exc) is expected
