@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any
 
@@ -12,11 +12,10 @@ from arq.connections import ArqRedis
 
 from app.campaigns import Campaign, Limits
 from app.connection import check_shard_count, create_redis, open_redis
-from app.errors import InvalidRequest
 from app.migration import DEFAULT_STATES, MigrationReport, migrate_enrollments
 from app.models import EnrollManyResult, EnrollmentStatus
 from app.overview import Page, list_enrollments
-from app.retention import PurgeResult, purge_finished
+from app.retention import PurgeResult, finished_cutoff, purge_finished
 from app.scheduling import SchedulingService
 from app.settings import Settings, get_settings
 
@@ -231,14 +230,11 @@ class CampaignClient:
         """Delete finished enrollments (completed, failed, cancelled) that finished at or
         before an instant (or more than a duration ago; ``timedelta(0)``: all of them), with
         their history and index entries; ``dry_run`` only counts. Returns the counts."""
+        cutoff = finished_cutoff(finished_before)  # InvalidRequest: negative, naive, too long
         await self.connect()
-        if isinstance(finished_before, timedelta):
-            finished_before = datetime.now(UTC) - finished_before
-        if finished_before.tzinfo is None:
-            raise InvalidRequest("finished_before must be timezone-aware")
         campaigns = None
         if campaign_id is not None:
             await self.service.registry.get(campaign_id)  # CampaignNotFound names it
             campaigns = [campaign_id]
-        return await purge_finished(self.redis, self.service.keys, finished_before,
+        return await purge_finished(self.redis, self.service.keys, cutoff,
                                     campaigns=campaigns, dry_run=dry_run)  # fmt: skip

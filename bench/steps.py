@@ -78,9 +78,10 @@ async def plain_arq(url: str, n: int) -> float:
     return n / elapsed
 
 
-async def campaign_steps(url: str, n: int, client_url: str | None = None) -> float:
+async def campaign_steps(url: str, n: int, client_url: str | None = None, shards: int = 1) -> float:
     """Steps/s; the worker talks to ``url`` (maybe a proxy), the client to ``client_url``."""
-    settings = Settings(redis_url=url, poll_delay=POLL, max_jobs=MAX_JOBS, http_port=0)  # type: ignore[arg-type]
+    settings = Settings(redis_url=url, poll_delay=POLL, max_jobs=MAX_JOBS, http_port=0,  # type: ignore[arg-type]
+                        shards=shards)  # fmt: skip
     client_settings = settings.model_copy(
         update={"redis_url": Settings(redis_url=client_url or url).redis_url}
     )  # type: ignore[arg-type]

@@ -19,6 +19,20 @@ CASES = [
     ),
     (["bench/memory.py", "--contacts", "300"], "bytes per enrollment"),
     (["bench/scale.py", "--sizes", "300"], "bytes per enrollment"),
+    (
+        [
+            "bench/cluster.py",
+            "--jobs",
+            "200",
+            "--repeats",
+            "1",
+            "--shards",
+            "3",
+            "--idle-seconds",
+            "0.5",
+        ],
+        "cluster, 3 masters",
+    ),
 ]
 
 

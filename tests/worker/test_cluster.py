@@ -137,7 +137,11 @@ async def _run(url: str, svc: FakeService, n: int, fault: Any = None) -> tuple[l
                 print("client errors during the run:", dict(errors), "unreplied:", len(pending),
                       sorted(pending)[:3])  # fmt: skip
             failed = [await client.status(e) for e in ids] if states["failed"] else []
-            errors_seen = Counter(f"{st.error.type}: {st.error.message} {(st.error.traceback or '')[-600:]}" for st in failed if st.error)
+            errors_seen = Counter(
+                f"{st.error.type}: {st.error.message} {(st.error.traceback or '')[-600:]}"
+                for st in failed
+                if st.error
+            )
         assert states == Counter({"completed": n}), (states, errors_seen)
         _one_effect_per_key(svc, ids)
         return ids, (outcome, _reconciled(workers))

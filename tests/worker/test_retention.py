@@ -199,3 +199,10 @@ async def test_a_negative_or_overflowing_duration_is_refused(client: CampaignCli
     assert finished_cutoff(timedelta(days=1), NOW) == NOW - timedelta(days=1)
     result = await purge_finished(client.redis, keys, timedelta(days=30), dry_run=True)
     assert result.total == 6
+
+
+async def test_client_purge_refuses_a_negative_duration(client: CampaignClient) -> None:
+    with pytest.raises(InvalidRequest, match="negative"):
+        await client.purge(timedelta(days=-1))
+    with pytest.raises(InvalidRequest, match=r"UTC offset|timezone"):
+        await client.purge(datetime(2026, 1, 1))
