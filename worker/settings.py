@@ -17,9 +17,14 @@ What differs, because arq's CLI owns the process:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from typing import Any
+from urllib.parse import urlsplit
+
+from redis import Redis as SyncRedis
+from redis.exceptions import RedisError
 
 from app.settings import ConfigError, Settings, get_settings
 from worker.actions import default_registry, egress_policy
@@ -67,9 +72,32 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
     )  # fmt: skip
 
 
+def _refuse_a_cluster(settings: Settings) -> None:
+    """arq's CLI keeps one connection to the node in ``REDIS_URL``: on a Redis Cluster
+    its own keys may live on another node. Checked before arq starts (its shutdown would
+    fail on such a key), with a short synchronous probe: arq needs Redis up here anyway."""
+    url = settings.redis_url.get_secret_value()
+    if urlsplit(url).scheme not in {"redis", "rediss"}:
+        return
+    with contextlib.suppress(RedisError, OSError):  # down: arq reports it as it starts
+        probe = SyncRedis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+        try:
+            info: dict[str, Any] = probe.info("cluster")  # type: ignore[assignment]
+            enabled = int(info.get("cluster_enabled") or 0)
+        finally:
+            probe.close()
+        if enabled:
+            raise ConfigError(
+                "REDIS_URL: a Redis Cluster; arq's CLI keeps one connection to one node, so "
+                "run the worker with 'campaign-worker run' there"
+            )
+
+
 def _load() -> dict[str, Any]:
     try:
-        return worker_settings(get_settings())
+        settings = get_settings()
+        _refuse_a_cluster(settings)
+        return worker_settings(settings)
     except ConfigError as exc:
         print(f"campaign-worker: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -59,8 +59,10 @@ async def test_arq_cli_runs_the_campaign_worker(
             await wait_state(client, bad, State.FAILED)
             await eventually(lambda: _now(sentry.for_enrollment(bad)), what="the Sentry event")
             # ping, one of arq's own jobs, is served too
-            assert await client.redis.enqueue_job("ping", "t", 0.0, _job_id="ping:viaarq")
-            await eventually(lambda: client.redis.get(f"{settings.key_prefix}:ping:t"),
+            assert await client.redis.enqueue_job(
+                "ping", "t", 0.0, _job_id=settings.arq_job_id("ping:viaarq")
+            )
+            await eventually(lambda: client.redis.get(settings.arq_job_id("pong:t")),
                              what="ping answered")  # fmt: skip
             # a step still running at SIGTERM is drained: it finishes, then the process exits
             await client.register_campaign(campaign("slow", {"first": http("/hang", svc)}))

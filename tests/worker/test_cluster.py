@@ -129,7 +129,7 @@ async def _run(url: str, svc: FakeService, n: int, fault: Any = None) -> tuple[l
             replying = asyncio.create_task(reply())
             outcome = None
             if fault is not None:
-                outcome = await fault(svc)
+                outcome = await fault(svc, workers)
             states = await _all_terminal(client, ids, timeout=90)
             try:
                 await asyncio.wait_for(replying, 30)
@@ -167,7 +167,7 @@ async def test_a_master_killed_mid_run_fails_over_and_nothing_is_lost(
     seed = int(redis_cluster.url.rsplit(":", 1)[1].split("/")[0])
     victim = next(p for p in redis_cluster.masters() if p != seed)
 
-    async def kill_a_master(svc: FakeService) -> float:
+    async def kill_a_master(svc: FakeService, workers: list[WorkerProcess]) -> float:
         await eventually(lambda: asyncio.sleep(0, len(svc.calls) > 400), 60, 0.05, "400 calls")
         redis_cluster.kill(victim)
         return await asyncio.to_thread(redis_cluster.wait_failover, victim, 30.0)
@@ -179,10 +179,19 @@ async def test_a_master_killed_mid_run_fails_over_and_nothing_is_lost(
 async def test_sentinel_failover_is_followed(
     redis_sentinel: LocalSentinel, svc: FakeService
 ) -> None:
-    async def kill_master(svc: FakeService) -> float:
+    async def kill_master(svc: FakeService, workers: list[WorkerProcess]) -> float:
         await eventually(lambda: asyncio.sleep(0, len(svc.calls) > 150), 60, 0.05, "150 calls")
         old = redis_sentinel.kill_master()
-        return await asyncio.to_thread(redis_sentinel.wait_failover, old, 30.0)
+
+        async def not_ready() -> bool:
+            codes = [(await w.get("/readyz"))[0] for w in workers]
+            return 503 in codes
+
+        await eventually(not_ready, 15, 0.05, "/readyz 503 while the master is gone")
+        took = await asyncio.to_thread(redis_sentinel.wait_failover, old, 30.0)
+        for w in workers:
+            await w.wait_status("/readyz", 200, timeout=30)  # back on the new master
+        return took
 
     _, (failover_s, reconciled) = await _run(redis_sentinel.url, svc, 400, kill_master)
     print(f"sentinel failover {failover_s:.1f}s, repaired by the reconciler: {reconciled}")
@@ -202,3 +211,19 @@ async def test_client_and_worker_refuse_another_shard_count(redis_cluster: Local
     untagged = WorkerProcess(url, CAMPAIGN_SHARDS="6", CAMPAIGN_QUEUE_NAME="maint").start()
     assert untagged.wait(30) == 2
     assert any("{arq:abort}" in line for line in untagged.raw), untagged.raw[-5:]
+
+
+def test_arq_cli_refuses_a_cluster(redis_cluster: LocalCluster) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import ROOT, subprocess_env
+
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "arq"), "worker.settings.WorkerSettings"],
+        cwd=ROOT, env=subprocess_env(REDIS_URL=redis_cluster.url, CAMPAIGN_HTTP_PORT="0"),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout[-500:] + done.stderr[-500:]
+    assert "campaign-worker run" in done.stderr
