@@ -221,15 +221,18 @@ def test_a_redis_failure_names_the_file_lines(cli: Any, settings: Settings, tmp_
     path = tmp_path / "ok.jsonl"
     path.write_text("".join(_line(i) + "\n" for i in range(5)))
 
-    async def maxmemory(value: str) -> None:
+    async def maxmemory(value: str) -> str:
+        """Set maxmemory on the session's server; returns what it was."""
         async with CampaignClient(settings=settings) as client:
+            was = (await client.redis.config_get("maxmemory"))["maxmemory"]
             await client.redis.config_set("maxmemory", value)
+            return str(was)
 
-    asyncio.run(maxmemory("1"))
+    was = asyncio.run(maxmemory("1"))
     try:
         code, _, err = cli("import", str(path), "--batch", "2")
     finally:
-        asyncio.run(maxmemory("0"))
+        asyncio.run(maxmemory(was))  # the server is shared: put back the project's value
     assert code == 1
     assert f"{path}:1: writing the rows of lines 1-2 failed: " in err, err
     assert "maxmemory" in err and "rows 0-" not in err, err
