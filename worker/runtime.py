@@ -368,13 +368,33 @@ async def _supervise(
             else:
                 log.exception("arq loop failed; restarting")
         await _forget_finished(worker)
-        if recover is not None:
-            await recover()
         pause = min(0.1 * 2 ** min(failures, 10), settings.redis_backoff_max)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(pause):
                 await stop.wait()
-        await wait_for_redis(worker.pool, backoff_max=settings.redis_backoff_max, stop=stop)
+        await _wait_for_arq_redis(worker, settings, stop, recover)
+
+
+async def _wait_for_arq_redis(
+    worker: Worker, settings: Settings, stop: asyncio.Event,
+    recover: Callable[[], Awaitable[None]] | None,
+) -> None:  # fmt: skip
+    """PING arq's connection until it answers; before each try, ``recover`` (on a cluster
+    the slot map may only show the promoted replica a few seconds after the fault)."""
+    delay = 0.1
+    while not stop.is_set():
+        if recover is not None:
+            await recover()
+        try:
+            await worker.pool.ping()
+            return
+        except Exception as exc:
+            if not is_redis_error(exc):
+                raise
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await stop.wait()
+        delay = min(delay * 2, settings.redis_backoff_max)
 
 
 async def _forget_finished(worker: Worker) -> None:

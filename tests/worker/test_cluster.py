@@ -227,3 +227,49 @@ def test_arq_cli_refuses_a_cluster(redis_cluster: LocalCluster) -> None:
     )  # fmt: skip
     assert done.returncode == 2, done.stdout[-500:] + done.stderr[-500:]
     assert "campaign-worker run" in done.stderr
+
+
+async def test_arq_follows_a_failover_of_its_own_slot(redis_cluster: LocalCluster) -> None:
+    """ping (one of arq's jobs) is answered before and after the master that serves arq's
+    slot ({arq:abort}) is SIGKILLed, and the reconciler's cron keeps running."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import subprocess_env
+
+    url = redis_cluster.url
+    arq_master = redis_cluster.master_for_key("campaign:{arq:abort}")
+    seed = int(url.rsplit(":", 1)[1].split("/")[0])
+    if arq_master == seed:  # keep the seed node up: the CLI below starts from it
+        url = f"redis://127.0.0.1:{next(p for p in redis_cluster.masters() if p != seed)}/0"
+    worker = WorkerProcess(url, CAMPAIGN_SHARDS=SHARDS, CAMPAIGN_RECONCILE_EVERY="1",
+                           CAMPAIGN_REDIS_BACKOFF_MAX="0.5").start()  # fmt: skip
+    exe = str(Path(sys.executable).parent / "campaign-worker")
+    env = subprocess_env(REDIS_URL=url, CAMPAIGN_SHARDS=SHARDS)
+
+    def ping() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([exe, "ping", "--timeout", "20"], env=env, capture_output=True,
+                              text=True, timeout=60)  # fmt: skip
+
+    try:
+        await worker.wait_status("/readyz", 200, timeout=30)
+        first = await asyncio.to_thread(ping)
+        assert first.returncode == 0 and "pong from" in first.stdout, first.stderr
+        redis_cluster.kill(arq_master)
+        await asyncio.to_thread(redis_cluster.wait_failover, arq_master, 30.0)
+        again = await asyncio.to_thread(ping)
+        assert again.returncode == 0 and "pong from" in again.stdout, (
+            again.stderr,
+            worker.raw[-10:],
+        )
+
+        def reconciled_after_failover() -> bool:
+            runs = [d for d in worker.lines if d.get("msg") in {"reconciler run",
+                                                                 "reconciler repaired enrollments"}]  # fmt: skip
+            return len(runs) >= 2
+
+        await eventually(lambda: asyncio.sleep(0, reconciled_after_failover()), 30, 0.2,
+                         "reconciler runs")  # fmt: skip
+    finally:
+        assert worker.stop() == 0
