@@ -37,6 +37,8 @@ from worker.main import serve
 
 ROOT = Path(__file__).resolve().parents[1]
 IDLE_SECONDS = 5.0
+#: Redis main-thread CPU seconds per step (enrolling included), per run, in run order.
+CPU_PER_STEP: list[float] = []
 
 
 def calls(port: int, only: str | None = None) -> int:
@@ -46,6 +48,12 @@ def calls(port: int, only: str | None = None) -> int:
     if only is not None:
         return int(stats.get(f"cmdstat_{only}", {}).get("calls", 0))
     return sum(int(v["calls"]) for k, v in stats.items() if k not in {"cmdstat_info"})
+
+
+def main_thread_cpu(port: int) -> float:
+    """CPU seconds the server's main thread (the one that runs commands) has used."""
+    info = sync_redis.Redis(port=port).info("cpu")
+    return float(info["used_cpu_user_main_thread"]) + float(info["used_cpu_sys_main_thread"])
 
 
 def reset(ports: list[int]) -> None:
@@ -72,9 +80,11 @@ async def measure(
     url: str, ports: list[int], n: int, shards: int
 ) -> tuple[float, float, list[int], float]:
     reset(ports)
+    cpu = sum(main_thread_cpu(p) for p in ports)
     rate = await campaign_steps(url, n, shards=shards)
     per_master = [calls(p) for p in ports]
     scripts = sum(calls(p, "evalsha") for p in ports)
+    CPU_PER_STEP.append((sum(main_thread_cpu(p) for p in ports) - cpu) / n)
     return rate, sum(per_master) / n, per_master, scripts / n
 
 
@@ -123,6 +133,16 @@ async def main() -> None:
         spread = ", ".join(f"{100 * x / sum(last):.0f} %" for x in last)
         print(f"| {name} | {statistics.median(rates):,.0f} | "
               f"{', '.join(f'{x:,.0f}' for x in rates)} | {per_step:.1f} | {scripts:.2f} | {spread} | {idle:,.0f} |")  # fmt: skip
+    print(_cpu_line(args.repeats))
+
+
+def _cpu_line(repeats: int) -> str:
+    single = [CPU_PER_STEP[i] for i in range(0, 2 * repeats, 2)]
+    cluster = [CPU_PER_STEP[i] for i in range(1, 2 * repeats, 2)]
+    one, many = statistics.median(single), statistics.median(cluster)
+    return (f"Redis main-thread CPU per step (enroll + claim + finish): one server "
+            f"{one * 1e6:.0f} us ({1 / one:,.0f} steps/s per Redis core), cluster "
+            f"{many * 1e6:.0f} us summed over the masters ({1 / many:,.0f} steps/s per core)")  # fmt: skip
 
 
 if __name__ == "__main__":
