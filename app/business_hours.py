@@ -408,10 +408,12 @@ class BusinessHours(BaseModel):
     @field_validator("timezone")
     @classmethod
     def _check_timezone(cls, v: str) -> str:
+        if len(v) > 255:  # no zone name is this long; the file lookup would fail with OSError
+            raise ValueError(f"timezone: unknown time zone ({len(v)} characters)")
         try:
             ZoneInfo(v)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
-            raise ValueError(f"timezone: unknown time zone {v!r}") from exc
+        except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
+            raise ValueError(f"timezone: unknown time zone {v[:80]!r}") from exc
         return v
 
     @field_validator("weekly")

@@ -11,7 +11,7 @@ from typing import Any
 from arq.connections import ArqRedis
 
 from app.campaigns import Campaign, Limits
-from app.connection import check_shard_count, create_redis, open_redis
+from app.connection import check_shard_count, close_redis, create_redis, open_redis
 from app.migration import DEFAULT_STATES, MigrationReport, migrate_enrollments
 from app.models import EnrollManyResult, EnrollmentStatus
 from app.overview import Page, list_enrollments
@@ -87,13 +87,15 @@ class CampaignClient:
                 if redis is not self.redis:
                     self.redis = redis
                     self.service = SchedulingService(redis, self.settings)
-            await check_shard_count(self.redis, self.settings)
+            # Recorded here too (SET NX): a client that writes before any worker has
+            # started must still pin the count.
+            await check_shard_count(self.redis, self.settings, record=True)
             self._ready = True
 
     async def close(self) -> None:
         """Close the Redis connections this client opened."""
         if self._owns_redis:
-            await self.redis.aclose()
+            await close_redis(self.redis)
 
     async def register_campaign(self, definition: Mapping[str, Any] | Campaign) -> int:
         """Validate and store a campaign; returns its new version (1 for a new id).

@@ -14,7 +14,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import ConnectionPool, parse_url
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app import serialization
@@ -31,6 +31,7 @@ __all__ = [
     "REDIS_DOWN_ERRORS",
     "arq_redis",
     "check_shard_count",
+    "close_redis",
     "connect",
     "connection_options",
     "create_redis",
@@ -144,18 +145,42 @@ async def open_redis(settings: Settings, redis: ArqRedis | None = None) -> ArqRe
     url = settings.redis_url.get_secret_value()
     if is_cluster(redis) or urlsplit(url).scheme not in {"redis", "rediss"}:
         return redis
-    info = await redis.info("cluster")
+    try:
+        info = await redis.info("cluster")
+    except ResponseError as exc:
+        raise_for_cluster_db(exc)
+        raise
     if not int(info.get("cluster_enabled") or 0):
         return redis
-    db = urlsplit(url).path.strip("/") or "0"
-    if db != "0":
-        raise ConfigError(f"REDIS_URL: Redis Cluster has database 0 only, not {db}")
     await redis.aclose()
     cluster = RedisCluster.from_url(url, **connection_options(url))
-    await cluster.initialize()
+    try:
+        await cluster.initialize()
+    except BaseException:
+        await cluster.aclose()
+        raise
     # RedisCluster serves every command the service sends (scripts, pipelines without
     # MULTI, reads): typed as ArqRedis so the code that uses it has one client type.
     return cast(ArqRedis, cluster)
+
+
+def raise_for_cluster_db(exc: BaseException) -> None:
+    """A connection with a database other than 0 to a cluster node fails on its SELECT:
+    raise :class:`ConfigError` for it (nothing else says so; redis-py names it only in the
+    message), else return."""
+    if isinstance(exc, ResponseError) and "SELECT is not allowed in cluster mode" in str(exc):
+        raise ConfigError("REDIS_URL: a Redis Cluster has database 0 only; use /0") from None
+
+
+async def close_redis(redis: ArqRedis) -> None:
+    """Close a client and what it holds: a Sentinel client's connections to the sentinels
+    too (closing the master's client leaves them open)."""
+    pool = redis.connection_pool if not is_cluster(redis) else None
+    await redis.aclose()
+    manager = getattr(pool, "sentinel_manager", None)
+    for sentinel in getattr(manager, "sentinels", ()):
+        with contextlib.suppress(Exception):
+            await sentinel.aclose()
 
 
 async def check_shard_count(redis: ArqRedis, settings: Settings, *, record: bool = False) -> None:
@@ -225,7 +250,7 @@ def arq_redis(settings: Settings, redis: ArqRedis) -> ArqRedis:
     kwargs = {**parse_url(url), **connection_options(url)}
     kwargs.pop("db", None)
     pool = _SlotMasterPool(redis, queue, **kwargs)
-    client = ArqRedis(connection_pool=pool)
+    client = cast(ArqRedis, ArqRedis.from_pool(pool))  # closing the client closes the pool
     _configure(client, settings)
     return client
 
@@ -256,6 +281,7 @@ async def wait_for_redis(
             await redis.ping()
             return True
         except _WAIT_ERRORS as exc:
+            raise_for_cluster_db(exc)  # waiting would not help
             if on_attempt is not None:
                 on_attempt(attempt, exc)
         if stop is not None:

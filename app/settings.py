@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
 from typing import Literal
-from urllib.parse import parse_qsl, unquote_plus, urlsplit
+from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -499,8 +499,8 @@ def parse_sentinel_url(raw: str) -> SentinelURL:
     username = password = None
     if at:
         user, colon, secret = userinfo.partition(":")
-        username = unquote_plus(user) or None
-        password = unquote_plus(secret) if colon else None
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
     sentinels = []
     for item in hostlist.split(","):
         host, colon, port = item.strip().rpartition(":")
@@ -536,7 +536,7 @@ def parse_sentinel_url(raw: str) -> SentinelURL:
             message = str(exc) if str(exc).startswith("must") else "is not a valid value"
             raise ValueError(f"query parameter {name!r} {message}") from None
         params[name] = value
-    return SentinelURL(tuple(sentinels), unquote_plus(path[0]), int(db), username, password,
+    return SentinelURL(tuple(sentinels), unquote(path[0]), int(db), username, password,
                        tls, params)  # fmt: skip
 
 

@@ -21,7 +21,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from app import overview
 from app.client import CampaignClient
-from app.connection import arq_redis, open_redis
+from app.connection import arq_redis, close_redis, open_redis
 from app.errors import (
     CampaignError,
     CorruptRecord,
@@ -57,7 +57,11 @@ __all__ = [
 async def ping_workers(settings: Settings, wait_seconds: float) -> int:
     """Enqueue a ``ping`` job and wait for a worker to run it: exit 0 if one did, 1 if not."""
     data = await open_redis(settings)
-    redis = arq_redis(settings, data)  # on a cluster: the master of arq's slot
+    try:
+        redis = arq_redis(settings, data)  # on a cluster: the master of arq's slot
+    except BaseException:
+        await close_redis(data)
+        raise
     token = uuid.uuid4().hex
     # The job id carries the key prefix (arq's keys, arq:job:<id>, are shared by everyone)
     # and arq's hash tag (one slot on Redis Cluster).
@@ -84,9 +88,9 @@ async def ping_workers(settings: Settings, wait_seconds: float) -> int:
         print(f"no worker answered within {wait_seconds:g}s", file=sys.stderr)
         return 1
     finally:
-        await redis.aclose()
+        await close_redis(redis)
         if data is not redis:
-            await data.aclose()
+            await close_redis(data)
 
 
 def _utf8(data: bytes, where: str, start: int = 0) -> str:

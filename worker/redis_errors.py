@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import RedisError, SlotNotCoveredError
 
 __all__ = ["REDIS_FAULTS", "is_redis_error"]
 
@@ -12,7 +12,7 @@ __all__ = ["REDIS_FAULTS", "is_redis_error"]
 #: dropped connection mid-transaction): any RedisError, and the socket errors beneath it.
 REDIS_FAULTS: tuple[type[BaseException], ...] = (
     RedisError,
-    RedisClusterException,  # not a RedisError: e.g. slots not covered during a failover
+    SlotNotCoveredError,  # not a RedisError: a cluster's slots during a failover
     ConnectionError,
     OSError,
     asyncio.TimeoutError,
@@ -24,8 +24,11 @@ def is_redis_error(exc: BaseException) -> bool:
 
     An exception raised inside redis-py itself counts too: its cluster client can race
     with its own reconnection during a failover (an ``AttributeError`` on a connection
-    closed under a pipeline), and that is an outage to wait out, not a step's failure."""
-    return isinstance(exc, REDIS_FAULTS) or _raised_in_redis_py(exc)
+    closed under a pipeline), and that is an outage to wait out, not a step's failure.
+    Other client-side cluster errors (keys of one call in two slots) are bugs: not here."""
+    return isinstance(exc, REDIS_FAULTS) or (
+        isinstance(exc, AttributeError) and _raised_in_redis_py(exc)
+    )
 
 
 def _raised_in_redis_py(exc: BaseException) -> bool:

@@ -24,16 +24,21 @@ import arq.worker
 from arq.connections import ArqRedis
 from arq.cron import CronJob
 from arq.worker import Function, Worker, func
+from redis.asyncio.cluster import RedisCluster
 
 from app import __version__, serialization
 from app.connection import (
     arq_redis,
     check_shard_count,
     create_redis,
+    is_cluster,
     open_redis,
     refresh_cluster,
     retarget,
     wait_for_redis,
+)
+from app.connection import (
+    close_redis as close_client,
 )
 from app.models import State
 from app.settings import ConfigError, Settings
@@ -80,8 +85,13 @@ async def check_eviction_policy(redis: ArqRedis) -> str:
 
     Uses INFO rather than CONFIG GET, which managed Redis services often disable.
     """
-    info = await redis.info("memory")
-    policy = str(info.get("maxmemory_policy", "unknown"))
+    if is_cluster(redis):  # every master holds data: each must refuse rather than evict
+        per_node = await redis.info("memory", target_nodes=RedisCluster.PRIMARIES)
+        policies = {str(i.get("maxmemory_policy", "unknown")) for i in per_node.values()}
+        policy = next(iter(policies)) if len(policies) == 1 else ",".join(sorted(policies))
+    else:
+        info = await redis.info("memory")
+        policy = str(info.get("maxmemory_policy", "unknown"))
     if policy != "noeviction":
         log.warning(
             "REDIS IS NOT SAFE FOR A JOB QUEUE: maxmemory-policy is %r, not 'noeviction'. "
@@ -202,7 +212,7 @@ class Runtime:
         if close_redis:
             for client in {id(c): c for c in (self.redis, self.arq)}.values():
                 with contextlib.suppress(Exception):
-                    await client.aclose()
+                    await close_client(client)
 
     async def recover(self) -> None:
         """After a Redis fault: on a cluster, read the slot map again and let arq's next

@@ -700,3 +700,9 @@ def test_prop_spread(case: tuple[BusinessHours, datetime, int], key: str) -> Non
         assert n < r < n + s.spread
         assert not s.is_open(n - timedelta(microseconds=1))  # n is a real opening
     assert s.next_open_spread(r, key) == r  # the job, run at r, stays put
+
+
+def test_a_zone_name_longer_than_a_file_name_is_refused_by_name() -> None:
+    """Found by the client fuzz test: zoneinfo raised OSError (file name too long)."""
+    with pytest.raises(ValueError, match="unknown time zone"):
+        BusinessHours.model_validate({"weekly": {"mon": ["09:00-17:00"]}, "timezone": "x" * 5000})

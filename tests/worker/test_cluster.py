@@ -273,3 +273,25 @@ async def test_arq_follows_a_failover_of_its_own_slot(redis_cluster: LocalCluste
                          "reconciler runs")  # fmt: skip
     finally:
         assert worker.stop() == 0
+
+
+async def test_database_other_than_0_is_named(redis_cluster: LocalCluster) -> None:
+    url = redis_cluster.url.rsplit("/", 1)[0] + "/1"
+    async with CampaignClient(settings=Settings(redis_url=url)) as client:  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match="database 0 only"):
+            await client.status("rt:x")
+    worker = WorkerProcess(url).start()
+    assert worker.wait(30) == 2
+    assert any("database 0 only" in line for line in worker.raw), worker.raw[-5:]
+
+
+async def test_a_client_that_writes_first_pins_the_shard_count(
+    redis_cluster: LocalCluster, svc: FakeService
+) -> None:
+    async with CampaignClient(settings=settings_for(redis_cluster.url)) as client:
+        await client.register_campaign(campaign(svc))
+        assert await client.enroll_many("rt", [{"contact_id": f"c{i}"} for i in range(30)]) == 30
+    other = Settings(redis_url=redis_cluster.url, shards=4)  # type: ignore[arg-type]
+    async with CampaignClient(settings=other) as client:
+        with pytest.raises(ConfigError, match=r"holds 6 shard\(s\)"):
+            await client.status("rt:c1")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from redis.exceptions import ClusterDownError, RedisClusterException
+from redis.exceptions import ClusterDownError, RedisClusterException, SlotNotCoveredError
 
 from worker.redis_errors import is_redis_error
 
@@ -23,7 +23,8 @@ def _raise_in(module: str) -> BaseException:
     ("exc", "expected"),
     [
         (ClusterDownError("CLUSTERDOWN"), True),
-        (RedisClusterException("slots not covered"), True),
+        (SlotNotCoveredError("slot 6503 is not covered"), True),
+        (RedisClusterException("EVAL - all keys must map to the same key slot"), False),
         (ConnectionResetError(), True),
         (_raise_in("redis.asyncio.connection"), True),  # redis-py racing its own reconnect
         (_raise_in("worker.actions"), False),  # a bug of ours stays a bug
