@@ -188,9 +188,10 @@ async def check_shard_count(redis: ArqRedis, settings: Settings, *, record: bool
     ``CAMPAIGN_SHARDS`` (its enrollments would be looked for in the wrong shards);
     ``record`` stores the count when none is (a worker's first start)."""
     key = Keys(settings.key_prefix).shard_count
-    if record:
-        await redis.set(key, settings.shards, nx=True)
     raw = await redis.get(key)
+    if raw is None and record:  # written once: a full Redis refuses writes, not reads
+        await redis.set(key, settings.shards, nx=True)
+        raw = await redis.get(key)
     recorded = raw.decode("utf-8", "replace") if raw is not None else str(settings.shards)
     if recorded != str(settings.shards):
         raise ConfigError(

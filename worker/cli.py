@@ -164,6 +164,8 @@ def _json_object(text: str, name: str) -> dict[str, Any]:
 
 
 async def _with_client(settings: Settings, fn: Callable[[Any], Awaitable[int]]) -> int:
+    from redis.exceptions import RedisError
+
     from app.client import CampaignClient
     from app.connection import REDIS_DOWN_ERRORS
 
@@ -178,6 +180,10 @@ async def _with_client(settings: Settings, fn: Callable[[Any], Awaitable[int]]) 
             f"campaign-worker: redis unreachable at {settings.redacted_redis_url()}: {exc}",
             file=sys.stderr,
         )
+        return EXIT_ERROR
+    except RedisError as exc:  # up but refusing: OOM, MISCONF, READONLY, NOPERM...
+        print(f"campaign-worker: redis refused the command: {type(exc).__name__}: {exc}",
+              file=sys.stderr)  # fmt: skip
         return EXIT_ERROR
     finally:
         await client.close()

@@ -236,3 +236,26 @@ def test_a_redis_failure_names_the_file_lines(cli: Any, settings: Settings, tmp_
     assert code == 1
     assert f"{path}:1: writing the rows of lines 1-2 failed: " in err, err
     assert "maxmemory" in err and "rows 0-" not in err, err
+
+
+def test_a_full_redis_before_any_write_is_one_line(
+    cli: Any, settings: Settings, tmp_path: Path
+) -> None:
+    """Redis refuses writes from the first command on (a fresh database, so even pinning
+    CAMPAIGN_SHARDS is refused): one line, exit 1, no traceback."""
+
+    async def maxmemory(value: str) -> str:
+        async with CampaignClient(settings=settings) as client:
+            was = (await client.redis.config_get("maxmemory"))["maxmemory"]
+            await client.redis.config_set("maxmemory", value)
+            await client.redis.flushall()
+            return str(was)
+
+    was = asyncio.run(maxmemory("1"))
+    try:
+        code, _, err = cli("status", "c:x")
+    finally:
+        asyncio.run(maxmemory(was))
+    assert code == 1
+    assert err.startswith("campaign-worker: redis refused the command: OutOfMemoryError"), err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
