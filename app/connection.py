@@ -10,6 +10,7 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 from arq.connections import ArqRedis
+from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import ConnectionPool, parse_url
 from redis.crc import key_slot
@@ -37,7 +38,6 @@ __all__ = [
     "create_redis",
     "is_cluster",
     "open_redis",
-    "refresh_cluster",
     "retarget",
     "wait_for_redis",
 ]
@@ -200,27 +200,48 @@ async def check_shard_count(redis: ArqRedis, settings: Settings, *, record: bool
         )
 
 
-async def refresh_cluster(redis: ArqRedis) -> None:
-    """Read a cluster's slot map again (after a failover); nothing for one server."""
-    if isinstance(redis, RedisCluster):
-        await redis.nodes_manager.initialize()
-
-
 class _SlotMasterPool(ConnectionPool):
-    """Connections to the master that serves one hash slot of a cluster, looked up anew
-    for each connection it opens, so that after a failover they go to the new master."""
+    """Connections to the master that serves one hash slot of a cluster. :meth:`locate`
+    asks the cluster which node that is now (after a failover); until then the cluster
+    client's slot map says."""
 
     def __init__(self, cluster: RedisCluster, key: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._cluster = cluster
         self._key = key
+        self._slot = key_slot(key.encode())
+        self._master: tuple[str, int] | None = None
 
     def make_connection(self) -> Any:
-        node = self._cluster.get_node_from_key(self._key)
-        if node is None:
-            raise RedisConnectionError(f"no node serves the slot of {self._key!r}")
-        self.connection_kwargs.update(host=node.host, port=node.port)
+        if self._master is None:
+            node = self._cluster.get_node_from_key(self._key)
+            if node is None:
+                raise RedisConnectionError(f"no node serves the slot of {self._key!r}")
+            self._master = (node.host, int(node.port))
+        host, port = self._master
+        self.connection_kwargs.update(host=host, port=port)
         return super().make_connection()  # type: ignore[no-untyped-call]
+
+    async def locate(self) -> None:
+        """Ask the nodes the cluster client knows (CLUSTER SLOTS) which master serves the
+        slot now. Its own slot map is left to redis-py: refreshing it from here would race
+        with the refresh redis-py starts after an error."""
+        options = {k: v for k, v in self.connection_kwargs.items() if k not in {"host", "port"}}
+        for node in list(self._cluster.get_nodes()):  # a snapshot: the map may change
+            probe = Redis(connection_pool=ConnectionPool(
+                **{**options, "host": node.host, "port": node.port}))  # fmt: skip
+            try:
+                ranges = await probe.execute_command("CLUSTER SLOTS")  # type: ignore[no-untyped-call]
+            except (RedisError, OSError):
+                continue
+            finally:
+                await probe.aclose()
+                await probe.connection_pool.disconnect()
+            for start, end, master, *_replicas in ranges:
+                if int(start) <= self._slot <= int(end):
+                    host = master[0].decode() if isinstance(master[0], bytes) else master[0]
+                    self._master = (host or node.host, int(master[1]))
+                    return
 
 
 async def retarget(redis: ArqRedis) -> None:
@@ -228,6 +249,7 @@ async def retarget(redis: ArqRedis) -> None:
     ones go to the master that serves its slot now."""
     pool = redis.connection_pool
     if isinstance(pool, _SlotMasterPool):
+        await pool.locate()
         with contextlib.suppress(Exception):
             await pool.disconnect()
         pool.reset()  # type: ignore[no-untyped-call]

@@ -24,10 +24,11 @@ def is_redis_error(exc: BaseException) -> bool:
 
     An exception raised inside redis-py itself counts too: its cluster client can race
     with its own reconnection during a failover (an ``AttributeError`` on a connection
-    closed under a pipeline), and that is an outage to wait out, not a step's failure.
+    closed under a pipeline, a RuntimeError from two refreshes of its slot map), and that
+    is an outage to wait out, not a step's failure.
     Other client-side cluster errors (keys of one call in two slots) are bugs: not here."""
     return isinstance(exc, REDIS_FAULTS) or (
-        isinstance(exc, AttributeError) and _raised_in_redis_py(exc)
+        isinstance(exc, (AttributeError, RuntimeError)) and _raised_in_redis_py(exc)
     )
 
 

@@ -33,7 +33,6 @@ from app.connection import (
     create_redis,
     is_cluster,
     open_redis,
-    refresh_cluster,
     retarget,
     wait_for_redis,
 )
@@ -215,11 +214,9 @@ class Runtime:
                     await close_client(client)
 
     async def recover(self) -> None:
-        """After a Redis fault: on a cluster, read the slot map again and let arq's next
-        connections go to whichever master now serves its slot."""
+        """After a Redis fault: on a cluster, let arq's next connections go to whichever
+        master serves its slot now."""
         if self.arq is not self.redis:
-            with contextlib.suppress(Exception):
-                await refresh_cluster(self.redis)
             await retarget(self.arq)
 
 
