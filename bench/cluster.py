@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import logging
 import statistics
 import sys
@@ -99,7 +100,12 @@ async def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--shards", type=int, default=12)
     parser.add_argument("--idle-seconds", type=float, default=IDLE_SECONDS)
+    parser.add_argument("--deadline", type=float, default=0,
+                        help="seconds after which to print every thread's stack and exit "
+                        "(0: none)")  # fmt: skip
     args = parser.parse_args()
+    if args.deadline:  # a hang shows where it is instead of being killed silently
+        faulthandler.dump_traceback_later(args.deadline, exit=True)
     logging.disable(logging.WARNING)
     single: list[tuple[float, float, list[int], float]] = []
     cluster: list[tuple[float, float, list[int], float]] = []

@@ -30,6 +30,8 @@ CASES = [
             "3",
             "--idle-seconds",
             "0.5",
+            "--deadline",  # a hang prints its stacks (it hung twice in CI runs, once unseen)
+            "80",
         ],
         "cluster, 3 masters",
     ),

@@ -198,8 +198,7 @@ class Runtime:
         if engine is None or task is None:
             return
         await engine.drain(self.settings.shutdown_grace)
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await _bounded(task, "the step loop")
         with contextlib.suppress(Exception):
             await self.redis.zrem(engine.keys.workers, self.worker_id)
         log.info("worker stopped", extra={"steps_started": engine.jobs_started})
@@ -427,16 +426,30 @@ async def _close(worker: Worker, arq_task: asyncio.Task[None]) -> None:
     if running:
         await asyncio.wait(running, timeout=5)
     arq_task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await arq_task
+    await _bounded(arq_task, "arq's loop")
     # close() cancels what still runs and waits for arq to re-queue it.
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await worker.close()
+    await _bounded(worker.close(), "arq's close()")
     # arq's close() runs on_shutdown only after a Redis call that fails when Redis is down
     # or read-only: make sure our resources (the HTTP session) are released anyway.
     if worker.on_shutdown is not None and not worker.ctx.get("shutdown_done"):
         with contextlib.suppress(Exception):
             await worker.on_shutdown(worker.ctx)
+
+
+#: Seconds a step of the shutdown may take once the drain is over: a process asked to stop
+#: must stop, even if a library call never returns.
+CLOSE_TIMEOUT = 10.0
+
+
+async def _bounded(awaitable: Awaitable[Any], what: str) -> None:
+    """Await ``awaitable`` for at most :data:`CLOSE_TIMEOUT` seconds, errors logged."""
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            await awaitable
+    except TimeoutError:
+        log.warning("%s did not finish within %ss; exiting anyway", what, CLOSE_TIMEOUT)
+    except (asyncio.CancelledError, Exception):  # noqa: S110 - a stop must not fail on it
+        pass
 
 
 def _on_signal(sig: signal.Signals, stop: asyncio.Event) -> None:
