@@ -24,7 +24,7 @@ from app.jobs import STEP_FUNCTION, TIMEOUT_FUNCTION, Job, JobTarget
 from app.models import State
 from app.planner import ms
 from app.scheduling import SchedulingService
-from app.store import Transition, now_ms
+from app.store import Transition, index_slices, now_ms
 
 __all__ = ["DEFAULT_STATES", "MigrationReport", "migrate_enrollments"]
 
@@ -101,21 +101,14 @@ async def migrate_enrollments(
             raise InvalidRequest(f"--map {old}={new}: node {new!r} is not in version {to_version}")
     report = MigrationReport(to_version=to_version, dry_run=dry_run,
                              moved=dict.fromkeys(states, 0))  # fmt: skip
-    redis = service.redis
     for shard in service.keys.all_shards():
         for state in states:
             index = shard.state_index(campaign_id, state)
-            cursor = 0
-            while True:
-                cursor, members = await redis.sscan(index, cursor, count=SLICE)
-                ids = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
-                if ids:
-                    rows = await service.store.records(ids, *_FIELDS)
-                    await _migrate_slice(service, campaign, state, ids, rows, mapping, report)
-                    if progress is not None:
-                        progress(report)
-                if int(cursor) == 0:
-                    break
+            async for ids in index_slices(service.redis, index, SLICE):
+                rows = await service.store.records(ids, *_FIELDS)
+                await _migrate_slice(service, campaign, state, ids, rows, mapping, report)
+                if progress is not None:
+                    progress(report)
     return report
 
 

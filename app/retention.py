@@ -24,7 +24,7 @@ from app.errors import InvalidRequest
 from app.keys import Keys
 from app.models import State
 from app.registry import CampaignRegistry
-from app.store import load_script
+from app.store import index_slices, load_script
 
 __all__ = ["FINISHED_STATES", "PurgeResult", "finished_cutoff", "purge_finished"]
 
@@ -94,19 +94,13 @@ async def purge_finished(
         for shard in keys.all_shards():
             for state in FINISHED_STATES:
                 index = shard.state_index(campaign_id, state)
-                cursor = 0
-                while True:
-                    cursor, members = await redis.sscan(index, cursor, count=SLICE)
-                    ids = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
-                    if ids:
-                        call_keys = [index, shard.tombstones]
-                        for eid in ids:
-                            call_keys += [shard.enrollment(eid), shard.history(eid)]
-                        n = await script(keys=call_keys,
-                                         args=[state, cutoff, "1" if dry_run else "0", *ids])  # fmt: skip
-                        result.by_state[state] += int(n)
-                        if progress is not None:
-                            progress(result)
-                    if int(cursor) == 0:
-                        break
+                async for ids in index_slices(redis, index, SLICE):
+                    call_keys = [index, shard.tombstones]
+                    for eid in ids:
+                        call_keys += [shard.enrollment(eid), shard.history(eid)]
+                    n = await script(keys=call_keys,
+                                     args=[state, cutoff, "1" if dry_run else "0", *ids])  # fmt: skip
+                    result.by_state[state] += int(n)
+                    if progress is not None:
+                        progress(result)
     return result

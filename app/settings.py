@@ -517,25 +517,7 @@ def parse_sentinel_url(raw: str) -> SentinelURL:
     if not (db.isdigit() and int(db) <= _MAX_DB):
         raise ValueError(f"database must be a number from 0 to {_MAX_DB}")
     allowed = _SENTINEL_TLS_PARAMS if tls else _SENTINEL_PARAMS
-    try:
-        query = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
-    except ValueError:
-        raise ValueError("has a malformed query string") from None
-    params: dict[str, str] = {}
-    for name, value in query:
-        check = allowed.get(name)
-        if check is None:
-            shown = repr(name) if re.fullmatch(r"[A-Za-z_]{1,40}", name) else "(unnamed)"
-            raise ValueError(
-                f"query parameter {shown} is not supported with {parts.scheme}:// "
-                f"(supported: {', '.join(sorted(allowed))})"
-            )
-        try:
-            check(value)
-        except ValueError as exc:
-            message = str(exc) if str(exc).startswith("must") else "is not a valid value"
-            raise ValueError(f"query parameter {name!r} {message}") from None
-        params[name] = value
+    params = _checked_query(parts.query, parts.scheme, allowed)
     return SentinelURL(tuple(sentinels), unquote(path[0]), int(db), username, password,
                        tls, params)  # fmt: skip
 
@@ -569,17 +551,25 @@ def check_redis_url(raw: str) -> None:
         db = parts.path.lstrip("/")
         if db and not (db.isdigit() and int(db) <= _MAX_DB):
             raise ValueError(f"database must be a number from 0 to {_MAX_DB}")
-    allowed = REDIS_URL_PARAMS[parts.scheme]
+    _checked_query(parts.query, parts.scheme, REDIS_URL_PARAMS[parts.scheme])
+
+
+def _checked_query(
+    query: str, scheme: str, allowed: dict[str, Callable[[str], None]]
+) -> dict[str, str]:
+    """A URL's query parameters, each one known to ``scheme`` and valid (``ValueError``
+    naming the parameter otherwise, never echoing its value)."""
     try:
-        params = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError:
         raise ValueError("has a malformed query string") from None
-    for name, value in params:
+    params: dict[str, str] = {}
+    for name, value in pairs:
         check = allowed.get(name)
         if check is None:
             shown = repr(name) if re.fullmatch(r"[A-Za-z_]{1,40}", name) else "(unnamed)"
             raise ValueError(
-                f"query parameter {shown} is not supported with {parts.scheme}:// "
+                f"query parameter {shown} is not supported with {scheme}:// "
                 f"(supported: {', '.join(sorted(allowed))})"
             )
         try:
@@ -587,6 +577,8 @@ def check_redis_url(raw: str) -> None:
         except ValueError as exc:
             message = str(exc) if str(exc).startswith("must") else "is not a valid value"
             raise ValueError(f"query parameter {name!r} {message}") from None
+        params[name] = value
+    return params
 
 
 _SECRET_FIELDS = {"redis_url", "http_action_secret"}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -35,6 +35,7 @@ __all__ = [
     "NewEnrollment",
     "ScriptBatcher",
     "Transition",
+    "index_slices",
     "load_script",
     "now_ms",
     "to_status",
@@ -381,6 +382,19 @@ class EnrollmentStore:
     def shard(self, enrollment_id: str) -> ShardKeys:
         """Key names of the shard holding ``enrollment_id``."""
         return self.keys.for_enrollment(enrollment_id)
+
+
+async def index_slices(redis: ArqRedis, key: str, count: int) -> AsyncIterator[list[str]]:
+    """The members of an index set, a slice (about ``count``) at a time, with SSCAN: a
+    member present the whole walk is seen at least once, and members may be removed as
+    the walk goes."""
+    cursor = 0
+    while True:
+        cursor, members = await redis.sscan(key, cursor, count=count)
+        if members:
+            yield [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+        if int(cursor) == 0:
+            return
 
 
 def to_status(
