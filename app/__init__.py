@@ -13,6 +13,7 @@ from app.errors import (
     InvalidCampaign,
     InvalidRequest,
     InvalidRow,
+    InvalidState,
 )
 from app.models import EnrollManyResult, EnrollmentStatus, State
 
@@ -34,5 +35,6 @@ __all__ = [
     "InvalidCampaign",
     "InvalidRequest",
     "InvalidRow",
+    "InvalidState",
     "State",
 ]

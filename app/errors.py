@@ -12,6 +12,7 @@ __all__ = [
     "InvalidCampaign",
     "InvalidRequest",
     "InvalidRow",
+    "InvalidState",
 ]
 
 
@@ -37,6 +38,11 @@ class EnrollmentNotFound(CampaignError, LookupError):
 
 class InvalidRequest(CampaignError, ValueError):
     """An argument is malformed, or the enrollment is in a state that does not allow it."""
+
+
+class InvalidState(InvalidRequest):
+    """The enrollment is in a state that does not allow the request (replaying one that
+    has not failed), or kept changing while it was tried; the HTTP API answers 409."""
 
 
 class CorruptRecord(CampaignError):

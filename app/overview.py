@@ -29,6 +29,7 @@ __all__ = [
     "Page",
     "ShardOverview",
     "list_enrollments",
+    "node_counts",
     "queue_overview",
 ]
 
@@ -325,6 +326,49 @@ async def queue_overview(redis: ArqRedis, keys: Keys, settings: Settings) -> Ove
         maintenance_queued=int(maintenance),
         campaigns=[CampaignCounts(cid, counts[cid]) for cid in campaigns],
     )
+
+
+# -- where enrollments are --------------------------------------------------------------
+
+#: Enrollment records :func:`node_counts` reads at most.
+NODE_COUNT_BUDGET = 200_000
+
+
+async def node_counts(
+    redis: ArqRedis, keys: Keys, campaign_id: str, *, budget: int = NODE_COUNT_BUDGET
+) -> tuple[dict[str, dict[str, int]], bool]:
+    """Enrollments of a campaign per node and state (``"-"`` for no node), and whether
+    every enrollment was counted (False once ``budget`` records were read).
+
+    Nodes are not indexed, so this reads the node of each enrollment: SSCAN of the state
+    index sets and one pipelined HMGET per slice, O(enrollments) up to ``budget``.
+    """
+    counts: dict[str, dict[str, int]] = {}
+    read = 0
+    for shard in keys.all_shards():
+        for state in _STATES:
+            cursor = 0
+            while True:
+                cursor, members = await redis.sscan(
+                    shard.state_index(campaign_id, state), cursor, count=1000
+                )
+                if members:
+                    async with redis.pipeline(transaction=False) as pipe:
+                        for member in members:
+                            pipe.hmget(shard.enrollment(_s(member)), ["state", "node"])
+                        rows = await pipe.execute()
+                    for raw_state, raw_node in rows:
+                        if raw_state is None or _s(raw_state) != state:
+                            continue  # gone or moved meanwhile: counted under its new state
+                        at = _s(raw_node) if raw_node else "-"
+                        per = counts.setdefault(at, dict.fromkeys(_STATES, 0))
+                        per[state] += 1
+                    read += len(members)
+                    if read >= budget:
+                        return counts, False
+                if int(cursor) == 0:
+                    break
+    return counts, True
 
 
 def _s(value: Any) -> str:

@@ -33,6 +33,7 @@ from app.errors import (
     EnrollmentNotFound,
     InvalidRequest,
     InvalidRow,
+    InvalidState,
 )
 from app.jobs import (
     JobTarget,
@@ -954,7 +955,7 @@ class SchedulingService:
             )  # fmt: skip
             if (await self._apply(enrollment_id, tr)).ok:
                 return True
-        raise InvalidRequest(
+        raise InvalidState(
             f"enrollment {enrollment_id!r} kept changing while cancelling; try again"
         )
 
@@ -966,7 +967,7 @@ class SchedulingService:
         with ``to_version``, on that version of the campaign (the node must exist there)."""
         rec, campaign, target = await self._load(enrollment_id)
         if rec["state"] != State.FAILED:
-            raise InvalidRequest(
+            raise InvalidState(
                 f"enrollment {enrollment_id!r} is {rec['state']}; only failed enrollments can be replayed"
             )
         reason = "replayed"
@@ -989,7 +990,7 @@ class SchedulingService:
         tr.unset.append("error")  # the history keeps what failed
         result = await self._apply(enrollment_id, tr)
         if not result.ok:
-            raise InvalidRequest(f"enrollment {enrollment_id!r} changed while replaying; try again")
+            raise InvalidState(f"enrollment {enrollment_id!r} changed while replaying; try again")
         return await self.status(enrollment_id)
 
     async def status(self, enrollment_id: str) -> EnrollmentStatus:

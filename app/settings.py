@@ -19,7 +19,14 @@ from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["ConfigError", "SentinelURL", "Settings", "get_settings", "parse_sentinel_url"]
+__all__ = [
+    "ConfigError",
+    "SentinelURL",
+    "Settings",
+    "get_settings",
+    "parse_api_tokens",
+    "parse_sentinel_url",
+]
 
 
 class ConfigError(Exception):
@@ -235,6 +242,22 @@ class Settings(BaseSettings):
         'active first); the others are summed under campaign="_other"',
     )
 
+    api_host: str = Field(
+        default="127.0.0.1", description="Control API and console address (campaign-worker api)"
+    )
+    api_port: int = Field(default=8000, ge=0, le=65535, description="Control API and console port")
+    api_tokens: SecretStr | None = Field(
+        default=None,
+        description="Comma-separated bearer tokens of the control API and console (at least 16 "
+        "characters each); a token written ro:TOKEN may only read. campaign-worker api refuses "
+        "to start without one",
+    )
+    trace_url: str = Field(
+        default="",
+        description="Link from the console to a trace, with {trace_id} in it (e.g. "
+        "http://jaeger:16686/trace/{trace_id}); empty: no link",
+    )
+
     @field_validator("max_duration", "retention", mode="before")
     @classmethod
     def _duration_seconds(cls, value: object) -> object:
@@ -301,7 +324,21 @@ class Settings(BaseSettings):
                 )
         return value
 
-    @field_validator("http_host")
+    @field_validator("api_tokens")
+    @classmethod
+    def _check_api_tokens(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_api_tokens(value.get_secret_value())
+        return value
+
+    @field_validator("trace_url")
+    @classmethod
+    def _check_trace_url(cls, value: str) -> str:
+        if value and ("{trace_id}" not in value or not re.match(r"https?://[^\s]+$", value)):
+            raise ValueError("must be an http(s) URL with {trace_id} in it")
+        return value
+
+    @field_validator("http_host", "api_host")
     @classmethod
     def _check_http_host(cls, value: str) -> str:
         if value == "" or _is_ip(value) or _HOST_NAME.fullmatch(value):
@@ -334,6 +371,32 @@ class Settings(BaseSettings):
     def redacted_redis_url(self) -> str:
         """The Redis URL with any password replaced, safe for logs."""
         return redact_url(self.redis_url.get_secret_value())
+
+
+#: Shortest API token accepted: a guessable token is no protection.
+MIN_TOKEN_LENGTH = 16
+
+
+def parse_api_tokens(text: str) -> dict[str, bool]:
+    """``CAMPAIGN_API_TOKENS`` as ``{token: may_write}``; a token too short or with a
+    character that cannot travel in a header is a ValueError that does not echo it."""
+    tokens: dict[str, bool] = {}
+    for number, entry in enumerate((e.strip() for e in text.split(",")), 1):
+        if not entry:
+            continue
+        read_only = entry.startswith("ro:")
+        token = entry.removeprefix("ro:")
+        if len(token) < MIN_TOKEN_LENGTH:
+            raise ValueError(
+                f"token {number} is shorter than {MIN_TOKEN_LENGTH} characters "
+                "(make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
+        if not re.fullmatch(r"[A-Za-z0-9._~+/=-]+", token):
+            raise ValueError(
+                f"token {number} has a character other than letters, digits and ._~+/=-"
+            )
+        tokens[token] = tokens.get(token, False) or not read_only
+    return tokens
 
 
 #: Query parameters of a Redis URL whose values are secret (matched in lower case).
@@ -581,7 +644,7 @@ def _checked_query(
     return params
 
 
-_SECRET_FIELDS = {"redis_url", "http_action_secret"}
+_SECRET_FIELDS = {"redis_url", "http_action_secret", "sentry_dsn", "api_tokens"}
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -354,6 +354,25 @@ class EnrollmentStore:
         entries = [orjson.loads(h) for h in hist] or [creation_entry(rec)]
         return to_status(enrollment_id, rec, entries)
 
+    async def summaries(self, enrollment_ids: Sequence[str]) -> list[EnrollmentStatus | None]:
+        """Many enrollments without their history, in one round trip: None for one that
+        is gone or whose record cannot be read (``status`` of that one names the field)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for eid in enrollment_ids:
+                pipe.hgetall(self.keys.enrollment(eid))
+            raws = await pipe.execute()
+        out: list[EnrollmentStatus | None] = []
+        for eid, raw in zip(enrollment_ids, raws, strict=True):
+            if not raw:
+                out.append(None)
+                continue
+            rec = with_derived(eid, {_s(k): _s(v) for k, v in raw.items()})
+            try:
+                out.append(to_status(eid, rec, []))
+            except CorruptRecord:
+                out.append(None)
+        return out
+
     async def count_by_state(self, campaign_id: str) -> dict[str, int]:
         """Enrollments of a campaign per state, from the index sets (O(1) each)."""
         shards = self.keys.all_shards()

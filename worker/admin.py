@@ -10,7 +10,6 @@ import re
 import sys
 import time
 import uuid
-from collections import defaultdict
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -24,11 +23,10 @@ from app.client import CampaignClient
 from app.connection import arq_redis, close_redis, open_redis
 from app.errors import (
     CampaignError,
-    CorruptRecord,
     EnrollManyError,
-    EnrollmentNotFound,
     InvalidRequest,
 )
+from app.failures import failure_groups, parse_group, replay_group
 from app.keys import Keys
 from app.models import EnrollmentStatus, State
 from app.retention import finished_cutoff
@@ -39,7 +37,6 @@ __all__ = [
     "dead_letters",
     "enroll",
     "enroll_file",
-    "failure_groups",
     "failures",
     "info",
     "list_enrollments",
@@ -273,40 +270,20 @@ async def show_status(
     return 0
 
 
-async def failure_groups(
-    client: CampaignClient, campaign: str | None, scan_limit: int = 10_000
-) -> dict[tuple[str, str, str], list[tuple[str, dict[str, Any]]]]:
-    """Failed enrollments grouped by (campaign, node, error type), newest first."""
-    service = client.service
-    campaigns = [campaign] if campaign else await service.registry.ids()
-    groups: dict[tuple[str, str, str], list[tuple[str, dict[str, Any]]]] = defaultdict(list)
-    for cid in campaigns:
-        ids = await service.store.list_ids(cid, State.FAILED.value, limit=scan_limit)
-        rows = await service.store.records(ids, "node", "error")
-        for eid, (node, error) in zip(ids, rows, strict=True):
-            err = _json_doc(error) if error else {}
-            if error and not err:
-                err = {"type": "CorruptRecord", "message": "stored field 'error' cannot be read"}
-            groups[(cid, node or "-", str(err.get("type", "?")))].append((eid, err))
-    for members in groups.values():
-        members.sort(key=lambda m: m[1].get("at") or 0, reverse=True)
-    return dict(groups)
-
-
 async def failures(client: CampaignClient, campaign: str | None, limit: int, out: TextIO) -> int:
     """Recent failures grouped by campaign, node and error type, with counts."""
     groups = await failure_groups(client, campaign)
     if not groups:
         print("no failed enrollments", file=out)
         return 0
-    ordered = sorted(groups.items(), key=lambda kv: -len(kv[1]))[:limit]
     print(f"{'count':>6}  {'group (campaign:node:error)':<48} latest error", file=out)
-    for (cid, node, etype), members in ordered:
-        latest = members[0][1]
+    for group in groups[:limit]:
+        latest = group.latest
         message = str(latest.get("message", ""))[:80].replace("\n", " ")
-        print(f"{len(members):>6}  {f'{cid}:{node}:{etype}':<48} {message}", file=out)
+        print(f"{group.count:>6}  {group.name:<48} {message}", file=out)
         if latest.get("trace_id"):
-            print(f"{'':>6}  {'':<48} e.g. {members[0][0]} trace {latest['trace_id']}", file=out)
+            print(f"{'':>6}  {'':<48} e.g. {group.members[0][0]} trace {latest['trace_id']}",
+                  file=out)  # fmt: skip
     print("replay a group with: campaign-worker replay --group CAMPAIGN:NODE:ERROR", file=out)
     return 0
 
@@ -318,72 +295,45 @@ async def replay(
     """Replay one failed enrollment, or every one in a failure group (on ``to_version``).
     A member that cannot be replayed is printed with the reason; exit 1 when one was
     skipped for any reason but having been replayed (or changed) meanwhile."""
-    campaign = None
-    if to_version is not None:
-        campaign = await client.get_campaign(
-            (enrollment_id or group or "").partition(":")[0], to_version
-        )
     if enrollment_id:
+        if to_version is not None:
+            await client.get_campaign(enrollment_id.partition(":")[0], to_version)
         st = await client.replay(enrollment_id, to_version=to_version)
         print(f"replayed {_status_line(st)}", file=out)
         return 0
     assert group is not None
-    parts = group.split(":")
-    if len(parts) != 3:
-        raise InvalidRequest(f"--group must be CAMPAIGN:NODE:ERROR (got {group!r})")
-    if campaign is not None and parts[1] != "-" and parts[1] not in campaign.nodes:
-        raise InvalidRequest(
-            f"--group {group}: node {parts[1]!r} is not in version {to_version} of campaign "
-            f"{parts[0]!r}; replay on a version that has it, or migrate with --map first"
-        )
-    groups = await failure_groups(client, parts[0])
-    members = groups.get((parts[0], parts[1], parts[2]), [])
-    done = failed = 0
-    for eid, _ in members:
-        try:
-            await client.replay(eid, to_version=to_version)
-            done += 1
-            continue
-        except (InvalidRequest, EnrollmentNotFound) as exc:
-            why = str(exc)
-            state = (await client.service.store.records([eid], "state"))[0][0]
-            if state != State.FAILED:  # replayed (or purged) by someone else: nothing to do
-                print(f"  skipped {eid}: {state or 'gone'} now, no longer failed", file=out)
-                continue
-        except CorruptRecord as exc:  # that one cannot be read: say so, replay the others
-            why = str(exc)
-        failed += 1
+    try:
+        parse_group(group)
+    except InvalidRequest:
+        raise InvalidRequest(f"--group must be CAMPAIGN:NODE:ERROR (got {group!r})") from None
+    try:
+        report = await replay_group(client, group, to_version=to_version)
+    except InvalidRequest as exc:
+        if str(exc).startswith("group "):  # name the option, as the CLI's user typed it
+            raise InvalidRequest(f"--{exc}") from None
+        raise
+    for eid, why in report.gone + report.skipped:
         print(f"  skipped {eid}: {why}", file=out)
-    print(f"replayed {done} of {len(members)} failed enrollments in {group}", file=out)
-    return 1 if failed else 0
+    print(f"replayed {report.replayed} of {report.total} failed enrollments in {group}", file=out)
+    return 1 if report.skipped else 0
 
 
 async def dead_letters(client: CampaignClient, limit: int, out: TextIO) -> int:
     """The poison jobs kept in the dead-letter list, newest first."""
-    keys = Keys(client.settings.key_prefix, client.settings.shards)
-    raw: list[bytes] = []
-    total = 0
-    for shard in keys.all_shards():
-        raw.extend(await client.redis.lrange(shard.dead, 0, limit - 1))  # type: ignore[misc]
-        total += await client.redis.llen(shard.dead)  # type: ignore[misc]
-    raw = raw[:limit]
-    if not raw:
+    from worker.dead_letters import list_dead_letters
+
+    letters, total = await list_dead_letters(client, limit)
+    if not letters:
         print("no dead letters", file=out)
         return 0
-    for item in raw:
-        doc = _json_doc(item)
-        if not doc:
-            doc = {
-                "reason": "unreadable entry",
-                "payload": item.decode("utf-8", "backslashreplace"),
-            }
+    for letter in letters:
         try:
-            at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(float(doc.get("at") or 0)))
+            at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(letter.at or 0))
         except (TypeError, ValueError, OverflowError, OSError):
             at = "????-??-?? ??:??:??"
-        payload = str(doc.get("payload") or "")[:100]
-        print(f"{at}  {doc.get('job_id')}  {doc.get('reason')}  payload={payload!r}", file=out)
-    print(f"{len(raw)} of {total} shown", file=out)
+        print(f"{at}  {letter.job_id}  {letter.reason}  payload={letter.payload[:100]!r}",
+              file=out)  # fmt: skip
+    print(f"{len(letters)} of {total} shown", file=out)
     return 0
 
 

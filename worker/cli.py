@@ -35,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--redis-url", metavar="URL", default=None, help=_REDIS_URL_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("run", help="run the worker and its HTTP server until SIGTERM")
+    sub.add_parser(
+        "api",
+        help="serve the control API and console on CAMPAIGN_API_HOST:CAMPAIGN_API_PORT "
+        "(needs CAMPAIGN_API_TOKENS) until SIGTERM",
+    )
 
     demo = sub.add_parser(
         "demo", help="the whole system on this machine: embedded Redis, a worker, a demo campaign"
@@ -323,6 +328,10 @@ def _main(argv: Sequence[str] | None) -> int:
             from worker.main import run
 
             return asyncio.run(run(settings))
+        if args.command == "api":
+            from worker.api.server import run_api
+
+            return asyncio.run(run_api(settings))
         if args.command == "demo":
             from worker.demo import run_demo
 

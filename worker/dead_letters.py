@@ -21,7 +21,13 @@ from app.keys import ShardKeys
 from app.models import ACTIVE_STATES
 from worker.reconciler import repair_missing_jobs
 
-__all__ = ["RequeueReport", "purge_dead_letters", "requeue_dead_letters"]
+__all__ = [
+    "DeadLetterEntry",
+    "RequeueReport",
+    "list_dead_letters",
+    "purge_dead_letters",
+    "requeue_dead_letters",
+]
 
 _ACTIVE = {s.value for s in ACTIVE_STATES}
 
@@ -34,6 +40,54 @@ class RequeueReport:
     dropped: int = 0
     kept: int = 0
     lines: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class DeadLetterEntry:
+    """One dead letter as read back: ``at`` in epoch seconds (None when unreadable), the
+    payload as a printable excerpt."""
+
+    shard: int
+    job_id: str | None
+    reason: str
+    at: float | None
+    payload: str
+
+
+def _entry(shard: int, raw: bytes) -> DeadLetterEntry:
+    try:
+        doc: Any = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        doc = None
+    if not isinstance(doc, dict):
+        return DeadLetterEntry(shard, None, "unreadable entry", None,
+                               raw[:200].decode("utf-8", "backslashreplace"))  # fmt: skip
+    try:
+        at: float | None = float(doc.get("at") or 0) or None
+    except (TypeError, ValueError, OverflowError):
+        at = None
+    job_id = doc.get("job_id")
+    return DeadLetterEntry(
+        shard, job_id if isinstance(job_id, str) else None, str(doc.get("reason") or "?"),
+        at, str(doc.get("payload") or "")[:200],
+    )  # fmt: skip
+
+
+async def list_dead_letters(
+    client: CampaignClient, limit: int
+) -> tuple[list[DeadLetterEntry], int]:
+    """Up to ``limit`` dead letters (each shard's newest first), and how many there are."""
+    entries: list[DeadLetterEntry] = []
+    total = 0
+    async with client.redis.pipeline(transaction=False) as pipe:
+        for shard in client.service.keys.all_shards():
+            pipe.lrange(shard.dead, 0, limit - 1)
+            pipe.llen(shard.dead)
+        replies = await pipe.execute()
+    for n in range(0, len(replies), 2):
+        entries.extend(_entry(n // 2, raw) for raw in replies[n])
+        total += int(replies[n + 1])
+    return entries[:limit], total
 
 
 def _job_id(raw: bytes) -> str | None:

@@ -65,37 +65,52 @@ def build_app(
     return app
 
 
-def bind_error(host: str, port: int, exc: BaseException) -> str:
+def bind_error(
+    host: str,
+    port: int,
+    exc: BaseException,
+    variables: tuple[str, str] = ("CAMPAIGN_HTTP_HOST", "CAMPAIGN_HTTP_PORT"),
+) -> str:
     """One line naming the variable to fix when ``host:port`` cannot be listened on."""
+    host_var, port_var = variables
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if isinstance(exc, socket.gaierror):
-        variable = "CAMPAIGN_HTTP_HOST"
+        variable = host_var
         reason = f"cannot resolve it ({exc.strerror or 'unknown name'})"
     elif not isinstance(exc, OSError):
-        variable = "CAMPAIGN_HTTP_HOST"
+        variable = host_var
         reason = "not a valid address"
     elif exc.errno == errno.EADDRINUSE:
-        variable = "CAMPAIGN_HTTP_PORT"
+        variable = port_var
         reason = "address already in use (another process listens there)"
     elif exc.errno == errno.EACCES:
-        variable = "CAMPAIGN_HTTP_PORT"
+        variable = port_var
         reason = "permission denied (ports below 1024 need privileges)"
     elif exc.errno == errno.EADDRNOTAVAIL:
-        variable = "CAMPAIGN_HTTP_HOST"
+        variable = host_var
         reason = "not an address of this machine"
     else:
-        variable = "CAMPAIGN_HTTP_HOST/CAMPAIGN_HTTP_PORT"
+        variable = f"{host_var}/{port_var}"
         reason = exc.strerror or type(exc).__name__
     return f"{variable}: cannot listen on {where}: {reason}"
 
 
 class HealthServer:
-    """Runs :func:`build_app` on host:port inside the worker's event loop."""
+    """Runs an aiohttp application on host:port inside the current event loop (the worker's
+    health server, the control API)."""
 
-    def __init__(self, app: web.Application, host: str, port: int) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        host: str,
+        port: int,
+        *,
+        variables: tuple[str, str] = ("CAMPAIGN_HTTP_HOST", "CAMPAIGN_HTTP_PORT"),
+    ) -> None:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         self._host = host
         self._port = port
+        self._variables = variables
         self.port: int | None = None
 
     async def start(self) -> None:
@@ -106,7 +121,7 @@ class HealthServer:
             await site.start()
         except (OSError, OverflowError, UnicodeError, ValueError) as exc:
             await self._runner.cleanup()
-            raise ConfigError(bind_error(self._host, self._port, exc)) from None
+            raise ConfigError(bind_error(self._host, self._port, exc, self._variables)) from None
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else self._port

@@ -1,0 +1,416 @@
+"""The ``/v1`` operations: one table that both the router and the OpenAPI document read.
+
+Each :class:`Operation` names its body, query and response models; :func:`bind` wraps
+its handler so that the token is checked (a write needs a read-write token), the body
+and query are validated with those models, and the reply is serialized with the response
+model. The client underneath checks the limits, as it does for a Python caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from app import overview
+from app.client import CampaignClient
+from app.failures import failure_groups, replay_group
+from app.models import EnrollmentStatus, ms_to_datetime
+from app.settings import Settings
+from worker.api.auth import Principal, Tokens
+from worker.api.problems import Problem
+from worker.api.schemas import (
+    BATCH_LIMIT,
+    BatchConflict,
+    BatchRequest,
+    BatchResult,
+    CampaignCreated,
+    CampaignDetail,
+    CampaignList,
+    CampaignSummary,
+    CancelRequest,
+    CancelResult,
+    DeadLetter,
+    DeadLetterList,
+    DeadLetterQuery,
+    EnrollmentPage,
+    EnrollmentSummary,
+    EnrollRequest,
+    FailureGroupList,
+    FailureGroupOut,
+    GroupReplayRequest,
+    GroupReplayResult,
+    ListQuery,
+    QueueOverview,
+    ReplayRequest,
+    ShardQueue,
+    SignalRequest,
+    SignalResult,
+    SkippedMember,
+)
+from worker.dead_letters import list_dead_letters
+
+__all__ = ["API_KEY", "OPERATIONS", "Api", "Operation", "bind", "describe_validation"]
+
+#: Where the :class:`Api` lives in the aiohttp application.
+API_KEY: web.AppKey[Api] = web.AppKey("campaign_api")
+
+
+@dataclass
+class Api:
+    """What the handlers share: the client, the settings and the tokens."""
+
+    client: CampaignClient
+    settings: Settings
+    tokens: Tokens
+
+
+@dataclass
+class Call:
+    """One validated call: path parameters, the body and query models, who called."""
+
+    api: Api
+    request: web.Request
+    principal: Principal
+    body: Any = None
+    query: Any = None
+
+    def path(self, name: str) -> str:
+        return self.request.match_info[name]
+
+
+Handler = Callable[[Call], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One method and path of the API, with the models the document is built from."""
+
+    method: str
+    path: str
+    operation_id: str
+    summary: str
+    handler: Handler
+    response: type[BaseModel]
+    status: int = 200
+    body: type[BaseModel] | None = None
+    body_required: bool = True
+    #: a raw JSON object body (a campaign definition), validated by the client
+    raw_body: bool = False
+    query: type[BaseModel] | None = None
+    writes: bool = False
+    errors: tuple[int, ...] = field(default=())
+    tag: str = "enrollments"
+
+
+# -- validation ----------------------------------------------------------------------------
+
+
+def describe_validation(exc: ValidationError, where: str = "") -> Problem:
+    """A 422 naming each bad field by its path (``contacts.3.timezone``) and value."""
+    errors = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in err["loc"]) or where or "body"
+        if where and err["loc"]:
+            loc = f"{where}.{loc}" if where != "query" else loc
+        value = err.get("input")
+        shown = repr(value)[:120] if err["type"] != "missing" else None
+        errors.append({"field": loc, "message": err["msg"], **({"value": shown} if shown else {})})
+    detail = "; ".join(
+        f"{e['field']}: {e['message']}" + (f" (got {e['value']})" if "value" in e else "")
+        for e in errors[:10]
+    )
+    return Problem(422, "InvalidRequest", detail, errors=errors[:100])
+
+
+async def _json_body(request: web.Request, required: bool) -> Any:
+    raw = await request.read()
+    if not raw.strip():
+        if required:
+            raise Problem(400, "BadRequest", "the request needs a JSON body")
+        return None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise Problem(400, "BadRequest", f"the body is not valid JSON: {exc}") from None
+
+
+def bind(op: Operation, api: Api) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The aiohttp handler of ``op``: auth, validation, the call, the response."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        principal = api.tokens.bearer(request.headers.get("Authorization"))
+        if principal is None:
+            raise Problem(
+                401, "Unauthorized",
+                "send Authorization: Bearer <token> with one of CAMPAIGN_API_TOKENS",
+                headers={"WWW-Authenticate": 'Bearer realm="campaign-api"'},
+            )  # fmt: skip
+        if op.writes and not principal.may_write:
+            raise Problem(403, "Forbidden", "this token is read-only (ro:); writing needs another")
+        call = Call(api, request, principal)
+        if op.query is not None:
+            try:
+                call.query = op.query.model_validate(dict(request.query))
+            except ValidationError as exc:
+                raise describe_validation(exc, "query") from None
+        if op.body is not None or op.raw_body:
+            doc = await _json_body(request, op.body_required)
+            if op.raw_body:
+                if not isinstance(doc, dict):
+                    raise Problem(422, "InvalidCampaign", "the body must be a JSON object")
+                call.body = doc
+            elif doc is not None:
+                assert op.body is not None
+                if op.body is BatchRequest and isinstance(doc, dict):
+                    contacts = doc.get("contacts")
+                    if isinstance(contacts, list) and len(contacts) > BATCH_LIMIT:
+                        raise Problem(
+                            413, "TooLarge",
+                            f"contacts: {len(contacts)} rows; one call takes at most "
+                            f"{BATCH_LIMIT} (split the batch)",
+                        )  # fmt: skip
+                try:
+                    call.body = op.body.model_validate(doc)
+                except ValidationError as exc:
+                    raise describe_validation(exc) from None
+            else:
+                assert op.body is not None
+                call.body = op.body()
+        result = await op.handler(call)
+        body = op.response.model_validate(result) if not isinstance(result, BaseModel) else result
+        return web.Response(
+            status=op.status,
+            body=body.model_dump_json().encode(),
+            content_type="application/json",
+        )
+
+    return handle
+
+
+# -- handlers ------------------------------------------------------------------------------
+
+
+async def _versions(client: CampaignClient, ids: list[str]) -> dict[str, int]:
+    """The latest version of each campaign, one pipelined HGET each."""
+    keys = client.service.keys
+    async with client.redis.pipeline(transaction=False) as pipe:
+        for cid in ids:
+            pipe.hget(keys.campaign(cid), "latest")
+        raw = await pipe.execute()
+    out = {}
+    for cid, value in zip(ids, raw, strict=True):
+        try:
+            out[cid] = int(value) if value is not None else 0
+        except ValueError:
+            out[cid] = 0
+    return out
+
+
+async def _overview(api: Api) -> tuple[overview.Overview, list[CampaignSummary]]:
+    client = api.client
+    await client.connect()
+    view = await overview.queue_overview(client.redis, client.service.keys, api.settings)
+    versions = await _versions(client, [c.campaign_id for c in view.campaigns])
+    summaries = [
+        CampaignSummary(id=c.campaign_id, version=versions.get(c.campaign_id, 0),
+                        counts=c.counts, total=c.total)
+        for c in view.campaigns
+    ]  # fmt: skip
+    return view, summaries
+
+
+async def register_campaign(call: Call) -> CampaignCreated:
+    version = await call.api.client.register_campaign(call.body)
+    return CampaignCreated(id=str(call.body.get("id")), version=version)
+
+
+async def list_campaigns(call: Call) -> CampaignList:
+    _, summaries = await _overview(call.api)
+    return CampaignList(items=summaries)
+
+
+async def get_campaign(call: Call) -> CampaignDetail:
+    client = call.api.client
+    campaign = await client.get_campaign(call.path("campaign_id"))
+    assert campaign.version is not None
+    counts, (by_node, complete) = await asyncio.gather(
+        client.service.store.count_by_state(campaign.id),
+        overview.node_counts(client.redis, client.service.keys, campaign.id),
+    )
+    return CampaignDetail(
+        id=campaign.id, version=campaign.version, versions=list(range(1, campaign.version + 1)),
+        definition=campaign.definition(), counts=counts,
+        by_node=by_node, by_node_complete=complete,
+    )  # fmt: skip
+
+
+def _enroll_kwargs(row: EnrollRequest) -> dict[str, Any]:
+    return {"attributes": row.attributes, "timezone": row.timezone, "node": row.node,
+            "run_at": row.run_at}  # fmt: skip
+
+
+async def enroll(call: Call) -> EnrollmentStatus:
+    row: EnrollRequest = call.body
+    return await call.api.client.enroll(
+        call.path("campaign_id"), row.contact_id, **_enroll_kwargs(row)
+    )
+
+
+async def enroll_batch(call: Call) -> BatchResult:
+    rows = [{"contact_id": r.contact_id, **{k: v for k, v in _enroll_kwargs(r).items()
+                                           if v is not None}}
+            for r in call.body.contacts]  # fmt: skip
+    result = await call.api.client.enroll_many(call.path("campaign_id"), rows)
+    return BatchResult(
+        enrolled=result.enrolled,
+        skipped=result.skipped,
+        already_enrolled=result.already_enrolled,
+        conflicts=[
+            BatchConflict(row=r, contact_id=c, reason=why) for r, c, why in result.conflicts
+        ],
+    )
+
+
+async def list_enrollments(call: Call) -> EnrollmentPage:
+    q: ListQuery = call.query
+    client = call.api.client
+    page = await client.list_enrollments(
+        call.path("campaign_id"), state=q.state.value if q.state else None, node=q.node,
+        limit=q.limit, cursor=q.cursor,
+    )  # fmt: skip
+    statuses = await client.service.store.summaries([eid for eid, _, _ in page.items])
+    items = [EnrollmentSummary.of(s) for s in statuses if s is not None]
+    return EnrollmentPage(items=items, next_cursor=page.next_cursor)
+
+
+async def get_enrollment(call: Call) -> EnrollmentStatus:
+    return await call.api.client.status(call.path("enrollment_id"))
+
+
+async def signal(call: Call) -> SignalResult:
+    body: SignalRequest = call.body
+    accepted = await call.api.client.signal(call.path("enrollment_id"), body.event, body.payload)
+    return SignalResult(accepted=accepted)
+
+
+async def cancel(call: Call) -> CancelResult:
+    body: CancelRequest = call.body
+    return CancelResult(
+        cancelled=await call.api.client.cancel(call.path("enrollment_id"), body.reason)
+    )
+
+
+async def replay(call: Call) -> EnrollmentStatus:
+    body: ReplayRequest = call.body
+    return await call.api.client.replay(call.path("enrollment_id"), to_version=body.to_version)
+
+
+def failure_group_out(group: Any) -> FailureGroupOut:
+    latest = group.latest
+    return FailureGroupOut(
+        group=group.name, campaign_id=group.campaign_id, node=group.node,
+        error_type=group.error_type, count=group.count,
+        latest_enrollment_id=group.members[0][0],
+        latest_message=str(latest.get("message", ""))[:2000],
+        latest_trace_id=latest.get("trace_id") if isinstance(latest.get("trace_id"), str) else None,
+        latest_at=_ms(latest.get("at")),
+    )  # fmt: skip
+
+
+def _ms(value: Any) -> datetime | None:
+    try:
+        return ms_to_datetime(value) if isinstance(value, int | float | str) else None
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
+async def list_failures(call: Call) -> FailureGroupList:
+    groups = await failure_groups(call.api.client)
+    return FailureGroupList(items=[failure_group_out(g) for g in groups])
+
+
+async def replay_failure_group(call: Call) -> GroupReplayResult:
+    body: GroupReplayRequest = call.body
+    report = await replay_group(call.api.client, body.group, to_version=body.to_version)
+    return GroupReplayResult(
+        group=report.group, total=report.total, replayed=report.replayed,
+        gone=[SkippedMember(enrollment_id=e, reason=r) for e, r in report.gone],
+        skipped=[SkippedMember(enrollment_id=e, reason=r) for e, r in report.skipped],
+    )  # fmt: skip
+
+
+async def list_dead(call: Call) -> DeadLetterList:
+    q: DeadLetterQuery = call.query
+    client = call.api.client
+    await client.connect()
+    letters, total = await list_dead_letters(client, q.limit)
+    items = [
+        DeadLetter(shard=d.shard, job_id=d.job_id, reason=d.reason, payload=d.payload,
+                   at=datetime.fromtimestamp(d.at, UTC) if d.at else None)
+        for d in letters
+    ]  # fmt: skip
+    return DeadLetterList(items=items, total=total)
+
+
+async def queue(call: Call) -> QueueOverview:
+    view, summaries = await _overview(call.api)
+    return QueueOverview(
+        at=datetime.fromtimestamp(view.at or time.time(), UTC), due=view.due,
+        deferred=view.deferred, running=view.running, dead=view.dead,
+        workers_alive=view.workers_alive, maintenance_queued=view.maintenance_queued,
+        shards=[ShardQueue(shard=s.shard, due=s.due, deferred=s.deferred, running=s.running,
+                           dead=s.dead) for s in view.shards],
+        campaigns=summaries,
+    )  # fmt: skip
+
+
+_C = "/v1/campaigns/{campaign_id}"
+_E = "/v1/enrollments/{enrollment_id}"
+
+#: Every ``/v1`` operation. Errors every operation can answer (400, 401, 503...) are added
+#: by the document builder; ``errors`` lists the ones particular to an operation.
+OPERATIONS: tuple[Operation, ...] = (
+    Operation("POST", "/v1/campaigns", "registerCampaign", "Register a campaign definition (a new version)",
+              register_campaign, CampaignCreated, 201, raw_body=True, writes=True,
+              errors=(413, 422), tag="campaigns"),
+    Operation("GET", "/v1/campaigns", "listCampaigns", "Campaigns with their enrollments per state",
+              list_campaigns, CampaignList, tag="campaigns"),
+    Operation("GET", _C, "getCampaign", "A campaign: latest definition, versions, counts by state and node",
+              get_campaign, CampaignDetail, errors=(404,), tag="campaigns"),
+    Operation("POST", f"{_C}/enrollments", "enroll", "Enroll one contact",
+              enroll, EnrollmentStatus, 201, body=EnrollRequest, writes=True, errors=(404, 409, 422)),
+    Operation("POST", f"{_C}/enrollments/batch", "enrollBatch",
+              f"Enroll up to {BATCH_LIMIT} contacts; those already enrolled are skipped",
+              enroll_batch, BatchResult, body=BatchRequest, writes=True, errors=(404, 413, 422)),
+    Operation("GET", f"{_C}/enrollments", "listEnrollments",
+              "A page of a campaign's enrollments (filter by state and node; follow next_cursor)",
+              list_enrollments, EnrollmentPage, query=ListQuery, errors=(404, 422)),
+    Operation("GET", _E, "getEnrollment", "An enrollment's status and history",
+              get_enrollment, EnrollmentStatus, errors=(404, 422)),
+    Operation("POST", f"{_E}/signal", "signal", "Deliver an event to a waiting enrollment",
+              signal, SignalResult, body=SignalRequest, writes=True, errors=(404, 422)),
+    Operation("POST", f"{_E}/cancel", "cancel", "Cancel an active enrollment",
+              cancel, CancelResult, body=CancelRequest, body_required=False, writes=True,
+              errors=(404, 409, 422)),
+    Operation("POST", f"{_E}/replay", "replay", "Replay a failed enrollment",
+              replay, EnrollmentStatus, body=ReplayRequest, body_required=False, writes=True,
+              errors=(404, 409, 422)),
+    Operation("GET", "/v1/failures", "listFailures",
+              "Failed enrollments grouped by campaign, node and error type",
+              list_failures, FailureGroupList, tag="operations"),
+    Operation("POST", "/v1/failures/replay", "replayFailureGroup", "Replay every enrollment of a failure group",
+              replay_failure_group, GroupReplayResult, body=GroupReplayRequest, writes=True,
+              errors=(404, 422), tag="operations"),
+    Operation("GET", "/v1/dead-letters", "listDeadLetters", "Queue entries dropped unread, newest first",
+              list_dead, DeadLetterList, query=DeadLetterQuery, errors=(422,), tag="operations"),
+    Operation("GET", "/v1/queue", "queueOverview", "Jobs per shard, workers alive, campaigns per state",
+              queue, QueueOverview, tag="operations"),
+)  # fmt: skip
