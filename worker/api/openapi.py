@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from app.campaigns import Campaign
 from worker.api.problems import CONTENT_TYPE
 from worker.api.routes import OPERATIONS, Operation
 from worker.api.schemas import ProblemBody
@@ -32,6 +33,23 @@ _ERROR_TEXT = {
     409: "Already enrolled, or the enrollment's state does not allow it",
     413: "The body or the batch is too large",
     422: "A field is invalid (the detail and errors name it)",
+}
+
+
+def _link(operation_id: str, parameter: str, pointer: str) -> dict[str, Any]:
+    return {"operationId": operation_id, "parameters": {parameter: f"$response.body#/{pointer}"}}
+
+
+#: What a response leads to (OpenAPI links): a client, or a stateful test, follows them.
+_LINKS: dict[str, dict[str, Any]] = {
+    "registerCampaign": {
+        name: _link(name, "campaign_id", "id")
+        for name in ("getCampaign", "enroll", "enrollBatch", "listEnrollments")
+    },
+    "enroll": {
+        name: _link(name, "enrollment_id", "enrollment_id")
+        for name in ("getEnrollment", "signal", "cancel", "replay")
+    },
 }
 
 
@@ -78,6 +96,9 @@ def openapi_document(version: str) -> dict[str, Any]:
         ref_template=_REF,
     )
     schemas: dict[str, Any] = dict(top.get("$defs", {}))
+    definition = Campaign.model_json_schema(ref_template=_REF)
+    schemas.update(definition.pop("$defs", {}))
+    schemas["Campaign"] = definition
     paths: dict[str, dict[str, Any]] = {}
     for op in OPERATIONS:
         responses: dict[str, Any] = {
@@ -105,8 +126,11 @@ def openapi_document(version: str) -> dict[str, Any]:
         if op.raw_body:
             entry["requestBody"] = {
                 "required": True,
-                "description": "A campaign definition (see the campaigns page of the docs)",
-                "content": {"application/json": {"schema": {"type": "object"}}},
+                "description": "A campaign definition (see the campaigns page of the docs); "
+                "beyond this schema, the references between nodes are checked (422 names them)",
+                "content": {
+                    "application/json": {"schema": {"$ref": _REF.format(model="Campaign")}}
+                },
             }
         elif op.body is not None:
             entry["requestBody"] = {
@@ -115,6 +139,9 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "application/json": {"schema": {"$ref": _REF.format(model=op.body.__name__)}}
                 },
             }
+        links = _LINKS.get(op.operation_id)
+        if links:
+            responses[str(op.status)]["links"] = links
         paths.setdefault(op.path, {})[op.method.lower()] = entry
     return {
         "openapi": "3.1.0",

@@ -130,16 +130,55 @@ def describe_validation(exc: ValidationError, where: str = "") -> Problem:
     return Problem(422, "InvalidRequest", detail, errors=errors[:100])
 
 
-async def _json_body(request: web.Request, required: bool) -> Any:
+async def _raw_body(request: web.Request, required: bool) -> bytes | None:
+    """The body's bytes; None when there is none and none is required."""
     raw = await request.read()
     if not raw.strip():
         if required:
             raise Problem(400, "BadRequest", "the request needs a JSON body")
         return None
+    return raw
+
+
+def _not_an_object(op: Operation, got: str) -> Problem:
+    title = "InvalidCampaign" if op.raw_body else "InvalidRequest"
+    return Problem(422, title, f"body: must be a JSON object (got {got})",
+                   errors=[{"field": "body", "message": "must be a JSON object"}])  # fmt: skip
+
+
+def _validated_body(op: Operation, raw: bytes | None) -> Any:
+    """The body checked against ``op``'s model in JSON mode (strict: a string is not a
+    number, a number is not a date), or for a definition only that it is an object (the
+    client validates the rest)."""
+    if op.raw_body:
+        try:
+            doc = orjson.loads(raw or b"")
+        except orjson.JSONDecodeError as exc:
+            raise Problem(400, "BadRequest", f"the body is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise _not_an_object(op, type(doc).__name__)
+        return doc
+    assert op.body is not None
+    if raw is None:
+        return op.body()
     try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise Problem(400, "BadRequest", f"the body is not valid JSON: {exc}") from None
+        body = op.body.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        if first["type"] == "json_invalid":
+            raise Problem(
+                400, "BadRequest", f"the body is not valid JSON: {first['msg']}"
+            ) from None
+        if first["type"] == "model_type" and not first["loc"]:
+            raise _not_an_object(op, type(first.get("input")).__name__) from None
+        raise describe_validation(exc) from None
+    if isinstance(body, BatchRequest) and len(body.contacts) > BATCH_LIMIT:
+        raise Problem(
+            413, "TooLarge",
+            f"contacts: {len(body.contacts)} rows; one call takes at most {BATCH_LIMIT} "
+            "(split the batch)",
+        )  # fmt: skip
+    return body
 
 
 def bind(op: Operation, api: Api) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -162,28 +201,7 @@ def bind(op: Operation, api: Api) -> Callable[[web.Request], Awaitable[web.Strea
             except ValidationError as exc:
                 raise describe_validation(exc, "query") from None
         if op.body is not None or op.raw_body:
-            doc = await _json_body(request, op.body_required)
-            if op.raw_body:
-                if not isinstance(doc, dict):
-                    raise Problem(422, "InvalidCampaign", "the body must be a JSON object")
-                call.body = doc
-            elif doc is not None:
-                assert op.body is not None
-                if op.body is BatchRequest and isinstance(doc, dict):
-                    contacts = doc.get("contacts")
-                    if isinstance(contacts, list) and len(contacts) > BATCH_LIMIT:
-                        raise Problem(
-                            413, "TooLarge",
-                            f"contacts: {len(contacts)} rows; one call takes at most "
-                            f"{BATCH_LIMIT} (split the batch)",
-                        )  # fmt: skip
-                try:
-                    call.body = op.body.model_validate(doc)
-                except ValidationError as exc:
-                    raise describe_validation(exc) from None
-            else:
-                assert op.body is not None
-                call.body = op.body()
+            call.body = _validated_body(op, await _raw_body(request, op.body_required))
         result = await op.handler(call)
         body = op.response.model_validate(result) if not isinstance(result, BaseModel) else result
         return web.Response(

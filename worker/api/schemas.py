@@ -48,10 +48,19 @@ __all__ = [
 
 #: Contacts one ``POST .../enrollments/batch`` takes at most; more is a 413.
 BATCH_LIMIT = 5000
+#: The highest campaign version a request may name.
+MAX_VERSION = 2**31 - 1
 
 
 class _Body(BaseModel):
-    """A request body: unknown fields are refused, so a typo is named, not ignored."""
+    """A request body: unknown fields are refused, so a typo is named, not ignored; strict,
+    so what validates is what the schema says (no number taken for a date)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class _Query(BaseModel):
+    """Query parameters: strings converted to the field's type (``limit=5``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -69,8 +78,12 @@ class EnrollRequest(_Body):
 
     contact_id: str = Field(min_length=1)
     attributes: dict[str, Any] | None = None
-    timezone: str | None = Field(default=None, description="IANA time zone of the contact")
-    node: str | None = Field(default=None, description="start here instead of the entry node")
+    timezone: str | None = Field(
+        default=None, min_length=1, description="IANA time zone of the contact"
+    )
+    node: str | None = Field(
+        default=None, min_length=1, description="start here instead of the entry node"
+    )
     run_at: AwareDatetime | None = Field(
         default=None, description="when the step at node is due (a wait's deadline)"
     )
@@ -93,18 +106,19 @@ class CancelRequest(_Body):
 
 class ReplayRequest(_Body):
     to_version: int | None = Field(
-        default=None, ge=1, description="replay on this version of the campaign"
+        default=None, ge=1, le=MAX_VERSION, description="replay on this version of the campaign"
     )
 
 
 class GroupReplayRequest(_Body):
     group: str = Field(
-        min_length=1, description="CAMPAIGN:NODE:ERROR, as GET /v1/failures names it"
+        pattern=r"^[^:]+:[^:]+:[^:]+$",
+        description="CAMPAIGN:NODE:ERROR, as GET /v1/failures names it",
     )
-    to_version: int | None = Field(default=None, ge=1)
+    to_version: int | None = Field(default=None, ge=1, le=MAX_VERSION)
 
 
-class ListQuery(_Body):
+class ListQuery(_Query):
     """Query parameters of ``GET /v1/campaigns/{campaign_id}/enrollments``."""
 
     state: State | None = None
@@ -113,7 +127,7 @@ class ListQuery(_Body):
     cursor: str | None = Field(default=None, min_length=1)
 
 
-class DeadLetterQuery(_Body):
+class DeadLetterQuery(_Query):
     limit: int = Field(default=100, ge=1, le=1000)
 
 

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -194,6 +195,21 @@ def build_api(client: CampaignClient, settings: Settings, tokens: Tokens,
     return app
 
 
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs a request it cannot parse (a NUL in a header) as an error with a
+    traceback; that is the caller's mistake, answered 400: one line at INFO instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg = f"malformed request refused: {str(exc).splitlines()[0][:200]}"
+            record.args = ()
+        return True
+
+
 def load_tokens(settings: Settings) -> Tokens:
     """The tokens, or ConfigError (exit 2) naming CAMPAIGN_API_TOKENS when there are none."""
     text = settings.api_tokens.get_secret_value() if settings.api_tokens else ""
@@ -212,6 +228,7 @@ async def run_api(settings: Settings, *, stop: asyncio.Event | None = None) -> i
 
     tokens = load_tokens(settings)
     setup_tracing("campaign-api")
+    logging.getLogger("aiohttp.server").addFilter(_MalformedRequests())
     client = CampaignClient(settings=settings)
     server = HealthServer(build_api(client, settings, tokens), settings.api_host, settings.api_port,
                           variables=("CAMPAIGN_API_HOST", "CAMPAIGN_API_PORT"))  # fmt: skip
