@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,7 @@ class ApiProcess:
             CAMPAIGN_API_TOKENS=TOKENS, **env,
         )  # fmt: skip
         self.proc: subprocess.Popen[str] | None = None
+        self.lines: list[str] = []
 
     @property
     def base(self) -> str:
@@ -101,6 +103,8 @@ class ApiProcess:
         exe = Path(sys.executable).parent / "campaign-worker"
         self.proc = subprocess.Popen([str(exe), "api"], env=self.env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        # drained all along: a full pipe would block the server's logging
+        threading.Thread(target=self._read, daemon=True).start()
 
         async def up() -> bool:
             assert self.proc is not None
@@ -116,6 +120,11 @@ class ApiProcess:
 
         await eventually(up, 20, 0.05, "campaign-worker api to listen")
         return self
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
 
     def stop(self) -> int:
         if self.proc is None:
