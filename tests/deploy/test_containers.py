@@ -385,7 +385,7 @@ def test_compose_validates_against_compose_spec() -> None:
 
 def test_compose_has_no_version_key(compose: dict[str, Any]) -> None:
     assert "version" not in compose, "`version:` is obsolete in the compose specification"
-    assert {"redis", "worker", "jaeger"} <= set(compose["services"])
+    assert {"redis", "worker", "api", "jaeger"} <= set(compose["services"])
 
 
 def test_compose_states_that_it_needs_compose_v2(compose: dict[str, Any]) -> None:
@@ -490,6 +490,102 @@ def test_jaeger_exposes_otlp_and_ui(services: dict[str, Any]) -> None:
         targets.add(int(p["target"]) if isinstance(p, dict) else int(str(p).split(":")[-1]))
     assert {4317, 4318, 16686} <= targets
     assert str(_env(jaeger).get("COLLECTOR_OTLP_ENABLED", "")).lower() == "true"
+
+
+# --------------------------------------------------------------------------- compose: api
+
+
+def _command(service: dict[str, Any]) -> list[str]:
+    command = service["command"]
+    return command if isinstance(command, list) else shlex.split(command)
+
+
+def test_api_service_runs_the_worker_image_with_the_api_command(
+    services: dict[str, Any], final: Stage
+) -> None:
+    """Same image and build as the worker; ``campaign-worker api`` replaces the image's
+    CMD (there is no ENTRYPOINT to prepend to it)."""
+    api, worker = services["api"], services["worker"]
+    assert api["image"] == worker["image"]
+    assert api["build"] == worker["build"], "a different build would be a different image"
+    assert not final.all("ENTRYPOINT")
+    assert _command(api) == ["campaign-worker", "api"]
+    assert "profiles" not in api, "the API starts with a plain `up`"
+
+
+def test_api_listens_on_all_interfaces_and_publishes_8000(services: dict[str, Any]) -> None:
+    api = services["api"]
+    env = _env(api)
+    assert env["CAMPAIGN_API_HOST"] == "0.0.0.0", "127.0.0.1 is unreachable from the host"
+    port = env.get("CAMPAIGN_API_PORT", "8000")
+    assert port == "8000"
+    published = {
+        (str(p.get("published")), str(p["target"])) if isinstance(p, dict)
+        else tuple(str(p).split("/")[0].split(":")[-2:])
+        for p in api["ports"]
+    }  # fmt: skip
+    assert ("8000", port) in published, published
+
+
+def test_api_tokens_are_required_and_not_hard_coded(services: dict[str, Any]) -> None:
+    """A required variable (``${VAR:?message}``): compose refuses to start without it and
+    says why; the file never holds a token."""
+    value = _env(services["api"])["CAMPAIGN_API_TOKENS"]
+    m = re.fullmatch(r"\$\{CAMPAIGN_API_TOKENS:\?(?P<message>[^}]+)\}", value)
+    assert m is not None, f"CAMPAIGN_API_TOKENS must be ${{CAMPAIGN_API_TOKENS:?...}}: {value!r}"
+    assert "CAMPAIGN_API_TOKENS" in m["message"]
+    text = COMPOSE.read_text()
+    for service in services.values():
+        for name, setting in _env(service).items():
+            if "TOKEN" in name or "SECRET" in name:
+                assert setting.startswith("${"), f"{name} is written in the file: {setting!r}"
+    # The header tells the reader to set it before `docker compose up`.
+    assert "export CAMPAIGN_API_TOKENS=" in text
+
+
+def test_api_environment(services: dict[str, Any]) -> None:
+    api_env, worker_env = _env(services["api"]), _env(services["worker"])
+    assert api_env["REDIS_URL"] == worker_env["REDIS_URL"], "the API and workers share a Redis"
+    trace_url = api_env["CAMPAIGN_TRACE_URL"]
+    assert trace_url == "http://localhost:16686/trace/{trace_id}", trace_url
+    jaeger_ui = [p for p in services["jaeger"]["ports"] if str(p).startswith("16686:")]
+    assert jaeger_ui, "the trace link points at the Jaeger UI's published port"
+    assert api_env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4318"
+    assert api_env["OTEL_SERVICE_NAME"] == "campaign-api"
+
+
+def test_api_settings_are_accepted_by_the_settings(
+    services: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The api service's environment loads (with a stand-in for the required token)."""
+    from app.settings import Settings
+
+    for name, value in _env(services["api"]).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("CAMPAIGN_API_TOKENS", "a-stand-in-token-of-32-characters")
+    settings = Settings.load()
+    assert (settings.api_host, settings.api_port) == ("0.0.0.0", 8000)
+    assert settings.trace_url == "http://localhost:16686/trace/{trace_id}"
+
+
+def test_api_waits_for_healthy_redis(services: dict[str, Any]) -> None:
+    depends = services["api"]["depends_on"]
+    assert isinstance(depends, dict), "short depends_on syntax cannot wait for health"
+    assert depends["redis"]["condition"] == "service_healthy"
+
+
+def test_api_healthcheck_probes_its_own_livez(services: dict[str, Any]) -> None:
+    """The image's HEALTHCHECK probes the worker's port: the api service replaces it with
+    one on the API's port, liveness only (like the worker's)."""
+    api = services["api"]
+    text = _healthcheck_text(api)
+    assert "/livez" in text and "/readyz" not in text, "liveness must not depend on Redis"
+    assert "CAMPAIGN_API_PORT" in text and "'8000'" in text
+    assert "CAMPAIGN_HTTP_PORT" not in text and "8080" not in text
+    assert text.split()[:2] == ["CMD", "python"], "slim has no curl/wget: probe with python"
+    hc = api["healthcheck"]
+    assert {"interval", "timeout", "retries"} <= set(hc)
+    assert compose_seconds(hc["timeout"]) > 2, "above the probe's own 2 s timeout"
 
 
 # --------------------------------------------------------------------------- redis.conf

@@ -438,6 +438,20 @@ def test_prometheus_config_scrapes_the_worker() -> None:
     assert job.get("metrics_path", "/metrics") == "/metrics"
 
 
+def test_prometheus_config_scrapes_the_api() -> None:
+    """The control API has its own job (the worker alerts match job="campaign-worker"),
+    on the compose service and port that serve it."""
+    config = load_yaml(PROM_CONFIG)
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "campaign-api"]
+    targets = [t for sc in job["static_configs"] for t in sc["targets"]]
+    assert targets == ["api:8000"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    api = load_yaml(COMPOSE)["services"]["api"]
+    assert 8000 in _port_targets(api)
+    assert api["environment"].get("CAMPAIGN_API_PORT", "8000") == "8000"
+    assert [j["job_name"] for j in config["scrape_configs"]] == [JOB, "campaign-api"]
+
+
 def test_commented_kubernetes_example_is_valid(tmp_path: Path) -> None:
     """The commented kubernetes_sd_configs example, uncommented, is valid configuration.
 
