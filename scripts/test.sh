@@ -19,6 +19,10 @@ echo "==> installing .[dev] into $VENV (the package, plus pytest, ruff, mypy and
 # root with apt-get (as CI does), else the one command to get it is printed and pytest
 # skips those tests, saying why. See scripts/ensure-promtool.sh.
 bash scripts/ensure-promtool.sh || true
+# Chromium and chromedriver for the console's browser test, the same way: installed as
+# root with apt-get, else the command is printed and that test is skipped, saying why.
+# See scripts/ensure-chromium.sh.
+bash scripts/ensure-chromium.sh || true
 
 echo "==> ruff"
 "$VENV/bin/ruff" check .
