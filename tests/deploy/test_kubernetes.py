@@ -8,6 +8,10 @@ annotations must be strings), and the facts the worker depends on are asserted a
 the sources they come from: Dockerfile.worker's USER, the routes of
 worker/http_server.py, the metric names of worker/metrics.py, the project version.
 
+The control API (``campaign-worker api``) is a second Deployment of the same image with
+its own Service and Secret; its facts are checked against worker/api/server.py and the
+settings.
+
 ``kubectl apply -k deploy/kubernetes`` must need nothing but Kubernetes: the KEDA
 ScaledObject is an optional kustomize Component in ``keda/``. When ``kubectl`` is
 installed, both ways are rendered for real with ``kubectl kustomize`` (no cluster needed).
@@ -32,10 +36,14 @@ DOCKERFILE = ROOT / "Dockerfile.worker"
 PYPROJECT = ROOT / "pyproject.toml"
 METRICS_PY = ROOT / "worker" / "metrics.py"
 HTTP_SERVER_PY = ROOT / "worker" / "http_server.py"
+API_SERVER_PY = ROOT / "worker" / "api" / "server.py"
 WORKER_DIR = ROOT / "worker"
 
 KUSTOMIZATION = "kustomization.yaml"
 EXAMPLE_SECRET = "redis-secret.example.yaml"
+API_EXAMPLE_SECRET = "api-secret.example.yaml"
+API_DEPLOYMENT = "api-deployment.yaml"
+API_SERVICE = "api-service.yaml"
 KEDA_DIR = "keda"
 KEDA_COMPONENT = f"{KEDA_DIR}/kustomization.yaml"
 SCALED_OBJECT = f"{KEDA_DIR}/scaledobject.yaml"
@@ -47,6 +55,9 @@ EXPECTED: dict[str, list[tuple[str, str]]] = {
     "worker-pdb.yaml": [("policy/v1", "PodDisruptionBudget")],
     "worker-metrics-service.yaml": [("v1", "Service")],
     EXAMPLE_SECRET: [("v1", "Secret")],
+    API_DEPLOYMENT: [("apps/v1", "Deployment")],
+    API_SERVICE: [("v1", "Service")],
+    API_EXAMPLE_SECRET: [("v1", "Secret")],
     KUSTOMIZATION: [("kustomize.config.k8s.io/v1beta1", "Kustomization")],
     SCALED_OBJECT: [("keda.sh/v1alpha1", "ScaledObject")],
     KEDA_COMPONENT: [("kustomize.config.k8s.io/v1alpha1", "Component")],
@@ -57,6 +68,8 @@ WORKER = "campaign-worker"
 IMAGE_REPO = "campaign-scheduler/worker"  # the placeholder kustomization.yaml's images: replaces
 PLACEHOLDER_REGISTRY_IMAGE = "registry.example.com/campaign-worker"
 HTTP_PORT = 8080
+API = "campaign-api"
+API_PORT = 8000
 EXAMPLE_REDIS_URL = "rediss://default:CHANGE-ME@redis.example:6380/0"
 
 _DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
@@ -155,9 +168,31 @@ def source_metric_names() -> set[str]:
     return set(re.findall(r"[\"'](campaign_[a-z0-9_]+)[\"']", METRICS_PY.read_text()))
 
 
-def http_routes() -> set[str]:
-    """GET routes of the worker's HTTP server."""
-    return set(re.findall(r"add_get\(\s*[\"']([^\"']+)[\"']", HTTP_SERVER_PY.read_text()))
+def http_routes(source: Path = HTTP_SERVER_PY) -> set[str]:
+    """GET routes of the worker's HTTP server (or of another aiohttp server module)."""
+    return set(re.findall(r"add_get\(\s*[\"']([^\"']+)[\"']", source.read_text()))
+
+
+def service_link_variables(service: dict[str, Any]) -> set[str]:
+    """The variables Kubernetes puts in every pod of the namespace for a Service when
+    service links are on (the default): NAME_SERVICE_HOST, NAME_PORT, NAME_PORT_8000_TCP..."""
+    name = service["metadata"]["name"].upper().replace("-", "_")
+    out = {f"{name}_SERVICE_HOST", f"{name}_SERVICE_PORT", f"{name}_PORT"}
+    for port in service["spec"]["ports"]:
+        proto = port.get("protocol", "TCP").upper()
+        if port.get("name"):
+            out.add(f"{name}_SERVICE_PORT_{port['name'].upper().replace('-', '_')}")
+        base = f"{name}_PORT_{port['port']}_{proto}"
+        out |= {base, f"{base}_PROTO", f"{base}_PORT", f"{base}_ADDR"}
+    return out
+
+
+def settings_variables() -> set[str]:
+    """Every environment variable the settings read (REDIS_URL, CAMPAIGN_*)."""
+    from app.settings import Settings
+
+    special = {"redis_url", "sentry_dsn"}
+    return {f.upper() if f in special else f"CAMPAIGN_{f.upper()}" for f in Settings.model_fields}
 
 
 def env_map(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -358,12 +393,16 @@ def test_readme_gives_the_build_push_and_apply_steps(deployment: dict[str, Any])
 def test_rendered_base_has_no_crd_and_runs_the_pushed_image() -> None:
     docs = render(K8S)
     kinds = sorted((d["apiVersion"], d["kind"]) for d in docs)
-    assert kinds == [("apps/v1", "Deployment"), ("policy/v1", "PodDisruptionBudget"),
+    assert kinds == [("apps/v1", "Deployment"), ("apps/v1", "Deployment"),
+                     ("policy/v1", "PodDisruptionBudget"), ("v1", "Service"),
                      ("v1", "Service")]  # fmt: skip
-    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
-    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    assert set(deployments) == {WORKER, API}
     version = tomllib.loads(PYPROJECT.read_text())["project"]["version"]
-    assert c["image"] == f"{PLACEHOLDER_REGISTRY_IMAGE}:{version}"
+    for dep in deployments.values():
+        (c,) = dep["spec"]["template"]["spec"]["containers"]
+        assert c["image"] == f"{PLACEHOLDER_REGISTRY_IMAGE}:{version}", dep["metadata"]["name"]
+    assert not [d for d in docs if d["kind"] == "Secret"], "a Secret would be applied"
 
 
 def test_rendered_with_the_keda_component(tmp_path: Path) -> None:
@@ -377,9 +416,11 @@ def test_rendered_with_the_keda_component(tmp_path: Path) -> None:
     (copy / KUSTOMIZATION).write_text(text.replace(commented, "\n".join(block)))
     docs = render(copy)
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["Deployment", "PodDisruptionBudget", "ScaledObject", "Service"]
+    assert kinds == [
+        "Deployment", "Deployment", "PodDisruptionBudget", "ScaledObject", "Service", "Service",
+    ]  # fmt: skip
     (so,) = [d for d in docs if d["kind"] == "ScaledObject"]
-    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    (dep,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == WORKER]
     assert so["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
 
 
@@ -651,6 +692,231 @@ def test_example_secret_url_is_accepted_by_the_settings() -> None:
     settings = Settings.load(REDIS_URL=url)
     assert settings.redis_url.get_secret_value() == url
     assert "CHANGE-ME" not in settings.redacted_redis_url()
+
+
+# --------------------------------------------------------------------------- control API
+
+
+@pytest.fixture(scope="module")
+def api_deployment() -> dict[str, Any]:
+    return the_one(API_DEPLOYMENT, "Deployment")
+
+
+@pytest.fixture(scope="module")
+def api_pod(api_deployment: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = api_deployment["spec"]["template"]["spec"]
+    return spec
+
+
+@pytest.fixture(scope="module")
+def api_container(api_pod: dict[str, Any]) -> dict[str, Any]:
+    (c,) = api_pod["containers"]
+    assert isinstance(c, dict)
+    return c
+
+
+@pytest.fixture(scope="module")
+def api_env(api_container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return env_map(api_container)
+
+
+@pytest.fixture(scope="module")
+def api_service() -> dict[str, Any]:
+    return the_one(API_SERVICE, "Service")
+
+
+def test_api_deployment_runs_the_worker_image_with_the_api_command(
+    api_deployment: dict[str, Any], api_container: dict[str, Any], container: dict[str, Any]
+) -> None:
+    assert api_deployment["metadata"]["name"] == API
+    assert api_deployment["spec"]["replicas"] == 2
+    assert api_container["image"] == container["image"], "one image, set once in images:"
+    # `command` replaces the image's ENTRYPOINT (there is none) and its CMD (`run`).
+    assert api_container["command"] == ["campaign-worker", "api"]
+    assert "args" not in api_container
+    assert not re.search(r"(?m)^\s*ENTRYPOINT\b", DOCKERFILE.read_text())
+
+
+def test_api_selector_and_labels_are_its_own(
+    api_deployment: dict[str, Any], deployment: dict[str, Any], pdb: dict[str, Any],
+    service: dict[str, Any], api_service: dict[str, Any],
+) -> None:  # fmt: skip
+    """The worker's PDB and metrics Service never select API pods, nor the reverse."""
+    api_selector = api_deployment["spec"]["selector"]["matchLabels"]
+    api_labels = api_deployment["spec"]["template"]["metadata"]["labels"]
+    worker_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert set(api_deployment["spec"]["selector"]) == {"matchLabels"}
+    assert selects(api_selector, api_labels)
+    assert api_labels["app.kubernetes.io/name"] == API
+    for worker_selector in (pdb["spec"]["selector"]["matchLabels"], service["spec"]["selector"]):
+        assert not selects(worker_selector, api_labels)
+    assert not selects(api_service["spec"]["selector"], worker_labels)
+    assert not selects(api_selector, worker_labels)
+
+
+def test_api_listens_on_all_interfaces_port_8000(
+    api_container: dict[str, Any], api_env: dict[str, dict[str, Any]]
+) -> None:
+    ports = api_container["ports"]
+    assert [(p.get("name"), p.get("containerPort")) for p in ports] == [("http", API_PORT)]
+    assert api_env["CAMPAIGN_API_PORT"]["value"] == str(API_PORT)
+    assert api_env["CAMPAIGN_API_HOST"]["value"] == "0.0.0.0", "127.0.0.1 is unreachable"
+
+
+@pytest.mark.parametrize(
+    ("probe", "path"),
+    [("livenessProbe", "/livez"), ("readinessProbe", "/readyz"), ("startupProbe", "/livez")],
+)
+def test_api_probe_path_and_port(api_container: dict[str, Any], probe: str, path: str) -> None:
+    get = api_container[probe].get("httpGet")
+    assert get is not None, f"{probe} is not an HTTP GET"
+    assert get["path"] == path
+    assert path in http_routes(API_SERVER_PY), f"the API serves no {path}"
+    assert container_port(api_container, get["port"]) == API_PORT
+    assert get.get("scheme", "HTTP") == "HTTP"
+    assert api_container["livenessProbe"].get("failureThreshold", 3) >= 2
+
+
+def test_api_readiness_timeout_exceeds_its_redis_ping(api_container: dict[str, Any]) -> None:
+    m = re.search(r"wait_for\(\s*client\.redis\.ping\(\)\s*,\s*([0-9.]+)\s*\)",
+                  API_SERVER_PY.read_text())  # fmt: skip
+    assert m is not None, "the Redis ping timeout of /readyz was not found in api/server.py"
+    timeout = api_container["readinessProbe"].get("timeoutSeconds", 1)
+    assert timeout > float(m.group(1)), "a slow but healthy Redis would flip readiness"
+
+
+def test_api_tokens_and_redis_url_come_from_secrets(
+    api_container: dict[str, Any], api_env: dict[str, dict[str, Any]],
+    env: dict[str, dict[str, Any]],
+) -> None:  # fmt: skip
+    tokens = api_env["CAMPAIGN_API_TOKENS"]
+    assert "value" not in tokens, "tokens must never be a literal in the manifest"
+    ref = tokens["valueFrom"]["secretKeyRef"]
+    assert (ref["name"], ref["key"]) == ("campaign-api", "tokens")
+    assert ref.get("optional") is not True, "without tokens the API exits 2"
+    redis = api_env["REDIS_URL"]
+    assert "value" not in redis
+    assert redis["valueFrom"] == env["REDIS_URL"]["valueFrom"], "the workers' Redis Secret"
+    assert "envFrom" not in api_container
+    for e in api_container["env"]:
+        assert not re.search(r"rediss?://", str(e.get("value", ""))), f"literal URL in {e}"
+
+
+def test_api_env_values_are_strings_and_accepted_by_the_settings(
+    api_container: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.settings import Settings
+
+    for entry in api_container["env"]:
+        assert ("value" in entry) != ("valueFrom" in entry), entry
+        if "value" in entry:
+            assert isinstance(entry["value"], str), f"{entry['name']}: quote {entry['value']!r}"
+            if entry["name"].startswith("CAMPAIGN_"):
+                monkeypatch.setenv(entry["name"], entry["value"])
+    monkeypatch.setenv("CAMPAIGN_API_TOKENS", "a-stand-in-token-of-32-characters")
+    settings = Settings.load()
+    assert (settings.api_host, settings.api_port) == ("0.0.0.0", API_PORT)
+    assert "{trace_id}" in settings.trace_url
+
+
+def test_api_environment(
+    api_env: dict[str, dict[str, Any]], env: dict[str, dict[str, Any]]
+) -> None:
+    assert api_env["OTEL_SERVICE_NAME"]["value"] == API
+    assert api_env["CAMPAIGN_LOG_FORMAT"]["value"] == "json"
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        assert api_env[name] == env[name], f"{name}: the workers' collector"
+    trace_url = urlsplit(api_env["CAMPAIGN_TRACE_URL"]["value"].replace("{trace_id}", "x"))
+    assert trace_url.scheme in {"http", "https"}
+
+
+def test_api_security_context_is_the_workers(
+    api_pod: dict[str, Any], api_container: dict[str, Any],
+    pod: dict[str, Any], container: dict[str, Any],
+) -> None:  # fmt: skip
+    assert effective_security(api_pod, api_container) == effective_security(pod, container)
+    assert api_pod.get("automountServiceAccountToken") is False
+    assert api_pod.get("enableServiceLinks") is False
+    assert api_pod.get("hostNetwork", False) is False
+    mounts = {m["mountPath"]: m["name"] for m in api_container.get("volumeMounts", [])}
+    volume = next(v for v in api_pod["volumes"] if v["name"] == mounts["/tmp"])
+    assert volume["emptyDir"].get("sizeLimit")
+
+
+def test_api_resources(api_container: dict[str, Any]) -> None:
+    resources = api_container["resources"]
+    for res in ("cpu", "memory"):
+        request = parse_quantity(resources["requests"][res])
+        limit = parse_quantity(resources["limits"][res])
+        assert 0 < request <= limit, f"{res}: request {request} > limit {limit}"
+    assert parse_quantity(resources["limits"]["memory"]) >= 256 * 2**20
+
+
+def test_api_has_no_scrape_annotations(api_deployment: dict[str, Any]) -> None:
+    """Annotation-based discovery would scrape the API under the workers' job, which the
+    worker alerts match: the API gets a job of its own in prometheus.yml."""
+    annotations = api_deployment["spec"]["template"]["metadata"].get("annotations") or {}
+    assert not [k for k in annotations if k.startswith("prometheus.io/")]
+    assert (
+        "job_name: campaign-api" in (ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text()
+    )
+
+
+def test_api_service(
+    api_service: dict[str, Any], api_deployment: dict[str, Any], api_container: dict[str, Any]
+) -> None:
+    spec = api_service["spec"]
+    assert spec.get("type", "ClusterIP") == "ClusterIP", "not exposed outside the cluster"
+    assert spec["selector"] == api_deployment["spec"]["selector"]["matchLabels"]
+    (port,) = spec["ports"]
+    assert port["port"] == API_PORT
+    assert container_port(api_container, port.get("targetPort", port["port"])) == API_PORT
+    assert "clusterIP" not in spec, "a headless Service would not balance requests"
+
+
+def test_no_service_injects_a_setting() -> None:
+    """With service links (on by default in other pods of the namespace, e.g. your own API
+    using the Python client), a Service named `campaign-api` would inject
+    CAMPAIGN_API_PORT=tcp://...: a bad setting that stops that process."""
+    settings = settings_variables()
+    assert "CAMPAIGN_API_PORT" in settings
+    services = [
+        d for f in manifest_files() for d in load_docs(K8S / f) if d.get("kind") == "Service"
+    ]
+    assert len(services) >= 2
+    for svc in services:
+        clash = service_link_variables(svc) & settings
+        assert not clash, f"Service {svc['metadata']['name']} would set {sorted(clash)}"
+    assert service_link_variables({"metadata": {"name": "campaign-api"},
+                                   "spec": {"ports": [{"port": 8000}]}}) & settings  # fmt: skip
+
+
+def test_api_example_secret(api_env: dict[str, dict[str, Any]]) -> None:
+    from app.settings import parse_api_tokens
+
+    text = (K8S / API_EXAMPLE_SECRET).read_text()
+    assert re.search(r"(?m)^#.*\bEXAMPLE\b", text), "mark the file as an example at the top"
+    secret = the_one(API_EXAMPLE_SECRET, "Secret")
+    ref = api_env["CAMPAIGN_API_TOKENS"]["valueFrom"]["secretKeyRef"]
+    assert secret["metadata"]["name"] == ref["name"]
+    assert "data" not in secret, "stringData only"
+    tokens = secret["stringData"][ref["key"]]
+    assert "CHANGE-ME" in tokens
+    parsed = parse_api_tokens(tokens)
+    assert sorted(parsed.values()) == [False, True], "one read-write and one ro: token"
+    assert "kubectl create secret generic campaign-api" in text
+
+
+def test_readme_gives_the_api_steps(api_service: dict[str, Any]) -> None:
+    text = K8S_README.read_text()
+    name = api_service["metadata"]["name"]
+    for step in (
+        "kubectl create secret generic campaign-api",
+        "kubectl rollout status deployment/campaign-api",
+        f"kubectl port-forward service/{name} 8000:8000",
+        "http://localhost:8000/ui/",
+    ):
+        assert step in text, f"deploy/kubernetes/README.md lacks {step!r}"
 
 
 # --------------------------------------------------------------------------- helpers' tests
