@@ -35,6 +35,21 @@ CASES = [
         ],
         "cluster, 3 masters",
     ),
+    (
+        # exits non-zero unless every enrollment was made and every lookup answered 200
+        [
+            "bench/api.py",
+            "--contacts",
+            "300",
+            "--lookups",
+            "200",
+            "--runs",
+            "1",
+            "--deadline",
+            "80",
+        ],
+        "GET /v1/enrollments/{id}",
+    ),
 ]
 
 
