@@ -310,14 +310,28 @@ class Console:
 
     def origin_problem(self, request: web.Request) -> str | None:
         """Why a POST is refused as cross-site, or None. Browsers send ``Origin`` with
-        every POST; one naming another host (or ``null``) is a forged form."""
+        every POST; one naming another host (or ``null``) is a forged form. A proxy that
+        rewrites ``Host`` may say the public one in ``X-Forwarded-Host``: a cross-site
+        form cannot set that header, so accepting it keeps the check sound."""
         origin = request.headers.get("Origin")
-        if origin is not None and urlsplit(origin).netloc.lower() != request.host.lower():
+        hosts = {request.host.lower()}
+        forwarded = request.headers.get("X-Forwarded-Host")
+        if forwarded:
+            hosts.add(forwarded.split(",")[0].strip().lower())
+        if origin is not None and urlsplit(origin).netloc.lower() not in hosts:
             return "this form was posted from another site (Origin does not match the host)"
         fetch_site = request.headers.get("Sec-Fetch-Site")
         if fetch_site is not None and fetch_site not in ("same-origin", "none"):
             return "this form was posted from another site (Sec-Fetch-Site)"
         return None
+
+    def plain_http_remote(self, request: web.Request) -> bool:
+        """True when the page came over plain HTTP to a host that is not loopback: a
+        browser then drops the Secure session cookie, so the login page says so."""
+        if request.secure or request.headers.get("X-Forwarded-Proto", "").lower() == "https":
+            return False
+        host = urlsplit("//" + request.host).hostname or ""
+        return host != "localhost" and not host.startswith("127.") and host != "::1"
 
     def page(
         self,
@@ -366,7 +380,8 @@ class Console:
     async def login_form(self, request: web.Request) -> web.StreamResponse:
         if self.session_of(request) is not None:
             return _see_other("/ui/")
-        return self.render("login.html", error=None, next=_next_of(request.query.get("next")))
+        return self.render("login.html", error=None, next=_next_of(request.query.get("next")),
+                           insecure=self.plain_http_remote(request))  # fmt: skip
 
     async def login(self, request: web.Request) -> web.StreamResponse:
         form = await request.post()
@@ -377,7 +392,7 @@ class Console:
         cookie = self.api.tokens.open_session(_text(form.get("token")).strip())
         if cookie is None:
             return self.render("login.html", status=401, error="That token is not valid.",
-                               next=target)  # fmt: skip
+                               next=target, insecure=self.plain_http_remote(request))  # fmt: skip
         resp = _see_other(target)
         resp.set_cookie(SESSION_COOKIE, cookie, max_age=SESSION_SECONDS, path="/ui",
                         httponly=True, secure=True, samesite="Strict")  # fmt: skip

@@ -174,6 +174,12 @@ async def test_pages_need_a_session_and_login_sets_a_strict_cookie(ui: Browser) 
     assert form.status == 200 and 'name="token"' in form.text
     assert form.headers["Content-Type"].startswith("text/html")
     assert "script-src" not in form.headers["Content-Security-Policy"]  # default-src 'none'
+    assert 'id="insecure"' not in form.text  # loopback: the Secure cookie is kept
+    remote = await ui.request("GET", "/ui/login", headers={"Host": "console.example:8000"})
+    assert 'id="insecure"' in remote.text
+    proxied = await ui.request("GET", "/ui/login", headers={
+        "Host": "console.example", "X-Forwarded-Proto": "https"})  # fmt: skip
+    assert 'id="insecure"' not in proxied.text
 
     wrong = await ui.login("not-a-token-at-all")
     assert wrong.status == 401 and "That token is not valid." in wrong.text
@@ -236,6 +242,11 @@ async def test_posts_need_the_csrf_token_this_origin_and_a_write_session(
     cross_login = await ui.post("/ui/login", {"token": RW}, headers={"Origin": "http://x.example"})
     assert cross_login.status == 403
 
+    # behind a proxy that rewrites Host: the public host in X-Forwarded-Host passes
+    # (422: the check let it through to the unknown group)
+    proxied = {"Origin": "https://console.example", "X-Forwarded-Host": "console.example"}
+    got = await ui.post("/ui/failures/replay", {"group": "none", "csrf": csrf}, headers=proxied)
+    assert got.status == 422, got.text[:300]
     origin = {"Origin": ui.base, "Sec-Fetch-Site": "same-origin"}
     done = await ui.post("/ui/failures/replay", {**group, "csrf": csrf}, headers=origin)
     assert done.status == 303 and done.headers["Location"].startswith("/ui/failures?")
@@ -436,8 +447,8 @@ async def test_an_operator_replays_a_failure_group_in_chromium(
         async def text(css: str) -> str:
             return str(await run(lambda: driver.find_element(By.CSS_SELECTOR, css).text))
 
-        # log in (localhost: a Secure cookie over plain http is kept for it)
-        base = api.base.replace("127.0.0.1", "localhost")
+        # log in (Chromium keeps a Secure cookie over plain http on a loopback address)
+        base = api.base
         await run(driver.get, base + "/ui/")
         assert "/ui/login" in driver.current_url
         await shot("1-login")
