@@ -4,7 +4,8 @@
   is a command (a line ending in ``\\`` continues it, and a here-document's lines up to
   its terminator belong to it); the other lines are sample output, not checked.
 - A command ending in `` &`` starts in the background and is stopped (SIGTERM) at the end
-  of its session; for ``campaign-worker run &`` the test waits for ``/readyz`` first.
+  of its session; for ``campaign-worker run &`` and ``campaign-worker api &`` the test
+  waits for their ``/readyz`` first.
 - A command whose comment says ``# exits N`` must exit with N; every other one with 0.
 - ``<!-- docs-test: skip REASON -->`` on the line before a block: not run (docker,
   kubectl, installs). Every other shell block (``bash``, ``sh``, ``shell``, ``zsh``,

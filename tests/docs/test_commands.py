@@ -6,7 +6,8 @@ redis-server of the test session (emptied first), in a new working directory tha
 to the repository's files. Shell state carries from one command to the next: variables
 (``set -a`` exports them), ``export``, ``cd``. What the docs call ``localhost`` is
 127.0.0.1, and their well-known ports are mapped to free ones: 6379 is the private
-server, 6380 a second Redis (a restore), 8080 and 8081 worker HTTP ports.
+server, 6380 a second Redis (a restore), 8080 and 8081 worker HTTP ports, 8000 the
+control API (``campaign-worker api``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from tests.docs.blocks import ROOT, RUN_LANG, SHELL_LANGS, Command, Session, blo
 from worker.embedded_redis import EmbeddedRedis, free_port
 
 SESSIONS = sessions()
-DOC_PORTS = (6379, 6380, 8080, 8081)
+DOC_PORTS = (6379, 6380, 8000, 8080, 8081)
 COMMAND_TIMEOUT = 120.0
 _DROPPED_ENV = {"_", "SHLVL", "PWD", "OLDPWD", "__rc"}
 
@@ -106,6 +107,10 @@ class DocShell:
         if "campaign-worker run" in text:
             found = re.search(r"CAMPAIGN_HTTP_PORT=(\d+)", text)
             port = int(found[1]) if found else int(self.env.get("CAMPAIGN_HTTP_PORT", "8080"))
+            self._wait(bg, where, f"/readyz on {port}", lambda: _http_ok(port, "/readyz"))
+        elif "campaign-worker api" in text:
+            found = re.search(r"CAMPAIGN_API_PORT=(\d+)", text)
+            port = int(found[1]) if found else int(self.env.get("CAMPAIGN_API_PORT", "8000"))
             self._wait(bg, where, f"/readyz on {port}", lambda: _http_ok(port, "/readyz"))
         elif "redis-server" in text:
             found = re.search(r"--port\s+(\d+)", text)
@@ -202,7 +207,10 @@ def doc_shell(base: Path, server: EmbeddedRedis, *, flush: bool = True) -> Itera
             client.close()
     work, env = workdir(base, server)
     ports = {6379: server.port, **{p: free_port() for p in DOC_PORTS if p != 6379}}
-    env.update(REDIS_URL=server.url, CAMPAIGN_HTTP_PORT=str(ports[8080]))
+    env.update(
+        REDIS_URL=server.url, CAMPAIGN_HTTP_PORT=str(ports[8080]),
+        CAMPAIGN_API_PORT=str(ports[8000]),
+    )  # fmt: skip
     shell = DocShell(work, env, ports)
     shell.cwd = work
     try:
