@@ -416,11 +416,16 @@ class Console:
         counts = await client.service.store.count_by_state(campaign.id)
         by_node, complete = await node_counts(client.redis, client.service.keys, campaign.id)
         elsewhere = {n: c for n, c in sorted(by_node.items()) if n not in campaign.nodes}
+        wanted = request.query.get("version", "")
+        if wanted and not (wanted.isdigit() and 1 <= int(wanted) <= (campaign.version or 1)):
+            raise InvalidRequest(f"version: {wanted[:40]!r} is not a version of {campaign.id}")
+        # the graph is always the latest version's; ?version=N shows an older definition
+        shown = await client.get_campaign(campaign.id, int(wanted)) if wanted else campaign
         return self.render(
             "campaign.html", session=session, campaign=campaign, counts=counts,
             graph=layout(campaign, by_node), complete=complete, elsewhere=elsewhere,
             versions=list(range(campaign.version or 1, 0, -1)),
-            definition=campaign.definition(),
+            shown_version=shown.version, definition=shown.definition(),
         )  # fmt: skip
 
     async def enrollments(self, request: web.Request, session: Session) -> web.StreamResponse:

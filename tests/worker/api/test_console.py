@@ -285,7 +285,11 @@ async def test_graph_counts_are_the_clients(ui: Browser, client: CampaignClient)
 
     await client.register_campaign({**GRAPH, "nodes": {**GRAPH["nodes"], "welcome": {  # type: ignore[dict-item]
         "type": "action", "action": "log", "next": "reply", "params": {"v": 2}}}})  # fmt: skip
-    assert "v2 (latest)" in (await ui.get("/ui/campaigns/onboard")).text
+    latest = await ui.get("/ui/campaigns/onboard")
+    assert "v2 (latest)" in latest.text and "&#34;v&#34;: 2" in latest.text
+    first = await ui.get("/ui/campaigns/onboard?version=1")
+    assert "Definition of version 1" in first.text and "&#34;v&#34;: 2" not in first.text
+    assert (await ui.get("/ui/campaigns/onboard?version=3")).status == 422
 
 
 async def test_pages_list_page_by_page_and_show_the_timeline(
@@ -393,6 +397,18 @@ def _chromium() -> tuple[str, str]:
     pytest.skip(why)
 
 
+def test_missing_chromium_skips_or_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(f"{__name__}.CHROMIUM", "/nonexistent/chromium")
+    monkeypatch.setattr(f"{__name__}.CHROMEDRIVER", "/nonexistent/chromedriver")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("REQUIRE_CHROMIUM", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install -y chromium chromium-driver"):
+        _chromium()
+    monkeypatch.setenv("REQUIRE_CHROMIUM", "1")
+    with pytest.raises(pytest.fail.Exception, match=r"REQUIRE_CHROMIUM=1"):
+        _chromium()
+
+
 def flaky(svc: FakeService) -> dict[str, Any]:
     """welcome (log) -> reply (wait) -> done; a timeout goes to nudge, an http call that
     fails while ``svc.failing`` (two quick tries)."""
@@ -436,6 +452,9 @@ async def test_an_operator_replays_a_failure_group_in_chromium(
         driver = await asyncio.to_thread(
             webdriver.Chrome, options=options, service=Service(executable_path=driver_path)
         )
+        # A click that navigates may return before the next page has loaded: after each
+        # one, an element only that page has is looked up, which this makes wait for it.
+        driver.implicitly_wait(10)
 
         async def run(fn: Callable[..., Any], *args: Any) -> Any:
             # Selenium blocks; this loop must keep serving the fake service meanwhile
@@ -459,6 +478,7 @@ async def test_an_operator_replays_a_failure_group_in_chromium(
 
         # the campaign's graph shows what the client counts
         await run(lambda: driver.find_element(By.LINK_TEXT, "console").click())
+        await run(driver.find_element, By.ID, "graph")
         by_node, _ = await node_counts(client.redis, client.service.keys, "console")
         drawn = GraphCounts.of(driver.page_source).nodes
         assert drawn == nonzero(by_node) | {"welcome": {}, "done": {}}
@@ -467,6 +487,7 @@ async def test_an_operator_replays_a_failure_group_in_chromium(
 
         # a failed enrollment's timeline, reached from the nudge box
         await run(lambda: driver.find_element(By.CSS_SELECTOR, 'g[data-node="nudge"] rect').click())
+        await run(driver.find_element, By.ID, "enrollments")
         assert "node=nudge" in unquote(driver.current_url)
         await shot("4-enrollments-at-nudge")
         await run(lambda: driver.find_element(By.CSS_SELECTOR, "#enrollments tbody a").click())
