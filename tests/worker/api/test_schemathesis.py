@@ -42,7 +42,7 @@ async def test_schemathesis_finds_no_server_error_and_no_mismatch(
              "--seed", os.environ.get("ST_SEED", "20261201"), "--report", "junit",
              "--report-dir", str(report), "--no-color"],
             env=subprocess_env(ST_CAMPAIGN_ID="rt", ST_ENROLLMENT_ID="rt:c1"),
-            capture_output=True, text=True, timeout=300,
+            capture_output=True, text=True, timeout=300, cwd=tmp_path,
         )  # fmt: skip
         tail = done.stdout[-6000:] + done.stderr[-2000:]
         assert done.returncode == 0, tail
