@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--campaign", type=Path, default=None, help="campaign JSON (examples/demo.json)"
     )
+    demo.add_argument("--console", action="store_true",
+                      help="also serve the console on CAMPAIGN_API_PORT (8000) and keep running "
+                      "after the summary until Ctrl-C")  # fmt: skip
 
     ping = sub.add_parser("ping", help="enqueue a ping job and wait for a worker to answer it")
     ping.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
@@ -340,7 +343,8 @@ def _main(argv: Sequence[str] | None) -> int:
             if args.redis_url is not None:  # the demo runs its own Redis unless REDIS_URL is set
                 os.environ["REDIS_URL"] = args.redis_url
             return asyncio.run(run_demo(settings, contacts=args.contacts, reply_rate=args.reply_rate,
-                                        seed=args.seed, campaign_path=args.campaign))  # fmt: skip
+                                        seed=args.seed, campaign_path=args.campaign,
+                                        console=args.console))  # fmt: skip
         return _admin(args, settings)
     except ConfigError as exc:
         print(f"campaign-worker: configuration error: {exc}", file=sys.stderr)

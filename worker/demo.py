@@ -11,6 +11,8 @@ import asyncio
 import json
 import os
 import random
+import secrets
+import signal
 import statistics
 import sys
 import time
@@ -26,6 +28,7 @@ from app.models import State
 from app.settings import Settings
 from worker.actions import default_registry
 from worker.embedded_redis import EmbeddedRedis, free_port
+from worker.http_server import HealthServer
 from worker.main import serve
 from worker.metrics import metrics
 
@@ -93,8 +96,14 @@ async def run_demo(
     seed: int = 7,
     campaign_path: Path | None = None,
     out: Any = None,
+    console: bool = False,
 ) -> int:
-    """Run the demo; returns 0 when every enrollment ended without failure."""
+    """Run the demo; returns 0 when every enrollment ended without failure.
+
+    With ``console`` the control API and console also serve on
+    ``CAMPAIGN_API_HOST:CAMPAIGN_API_PORT`` (a token made for this run is printed, unless
+    ``CAMPAIGN_API_TOKENS`` is set), and everything keeps running after the summary until
+    Ctrl-C, so the campaign can be looked at and failures replayed."""
     out = out or sys.stdout
     rng = random.Random(seed)
     path = campaign_path or find_demo_campaign()
@@ -124,7 +133,10 @@ async def run_demo(
         serve(settings, actions, install_signal_handlers=False, stop=stop)
     )
     client = CampaignClient(settings=settings)
+    api_server = None
     try:
+        if console:
+            api_server = await _start_console(client, settings, out)
         await client.redis.delete(
             *[k async for k in client.redis.scan_iter("campaign-demo*")] or ["-"]
         )
@@ -142,7 +154,15 @@ async def run_demo(
         elapsed = time.monotonic() - started
         await replies
         final.update(await _breakdown(client, [f"{cid}:{p['contact_id']}" for p in people]))
+        if api_server is not None:
+            code = await _summary(final, enrolled, elapsed, lateness, crm, out)
+            print(f"\nthe console keeps serving at {_console_url(settings, api_server.port)} "
+                  "(Ctrl-C to stop)", file=out, flush=True)  # fmt: skip
+            await _until_interrupted()
+            return code
     finally:
+        if api_server is not None:
+            await api_server.stop()
         stop.set()
         await worker_task
         await client.close()
@@ -151,6 +171,45 @@ async def run_demo(
         if embedded is not None:
             embedded.close()
     return await _summary(final, enrolled, elapsed, lateness, crm, out)
+
+
+def _console_url(settings: Settings, port: int | None) -> str:
+    host = settings.api_host if settings.api_host not in {"0.0.0.0", "::", ""} else "127.0.0.1"  # noqa: S104
+    return f"http://{host}:{port}/ui/"
+
+
+async def _start_console(client: CampaignClient, settings: Settings, out: Any) -> HealthServer:
+    """The control API and console in this process, with this run's token unless
+    ``CAMPAIGN_API_TOKENS`` names some (then those are used and none is printed)."""
+    from worker.api.server import build_api, load_tokens
+
+    own = settings.api_tokens is None
+    token = secrets.token_urlsafe(24)
+    if own:
+        settings = settings.model_copy(update={"api_tokens": SecretStr(token)})
+    server = HealthServer(build_api(client, settings, load_tokens(settings)), settings.api_host,
+                          settings.api_port, variables=("CAMPAIGN_API_HOST", "CAMPAIGN_API_PORT"))  # fmt: skip
+    await server.start()
+    login = (
+        f"log in with this run's token: {token}"
+        if own
+        else "log in with a CAMPAIGN_API_TOKENS token"
+    )
+    print(f"console: {_console_url(settings, server.port)} ({login})", file=out, flush=True)
+    return server
+
+
+async def _until_interrupted() -> None:
+    """Wait for Ctrl-C or SIGTERM."""
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, done.set)
+    try:
+        await done.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 async def _simulate_replies(
