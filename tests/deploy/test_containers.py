@@ -513,7 +513,7 @@ def test_api_service_runs_the_worker_image_with_the_api_command(
     assert "profiles" not in api, "the API starts with a plain `up`"
 
 
-def test_api_listens_on_all_interfaces_and_publishes_8000(services: dict[str, Any]) -> None:
+def test_api_listens_on_all_interfaces_and_is_published_on_loopback(services: dict[str, Any]) -> None:
     api = services["api"]
     env = _env(api)
     assert env["CAMPAIGN_API_HOST"] == "0.0.0.0", "127.0.0.1 is unreachable from the host"
@@ -525,6 +525,11 @@ def test_api_listens_on_all_interfaces_and_publishes_8000(services: dict[str, An
         for p in api["ports"]
     }  # fmt: skip
     assert ("8000", port) in published, published
+    host_ips = [
+        p.get("host_ip") if isinstance(p, dict) else str(p).rsplit(":", 2)[0]
+        for p in api["ports"]
+    ]  # fmt: skip
+    assert host_ips == ["127.0.0.1"], "plain HTTP with tokens: the host's loopback only"
 
 
 def test_api_tokens_are_required_and_not_hard_coded(services: dict[str, Any]) -> None:
