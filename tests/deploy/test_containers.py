@@ -513,7 +513,9 @@ def test_api_service_runs_the_worker_image_with_the_api_command(
     assert "profiles" not in api, "the API starts with a plain `up`"
 
 
-def test_api_listens_on_all_interfaces_and_is_published_on_loopback(services: dict[str, Any]) -> None:
+def test_api_listens_on_all_interfaces_and_is_published_on_loopback(
+    services: dict[str, Any],
+) -> None:
     api = services["api"]
     env = _env(api)
     assert env["CAMPAIGN_API_HOST"] == "0.0.0.0", "127.0.0.1 is unreachable from the host"
