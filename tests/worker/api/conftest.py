@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import threading
@@ -94,6 +95,7 @@ class ApiProcess:
         )  # fmt: skip
         self.proc: subprocess.Popen[str] | None = None
         self.lines: list[str] = []
+        self._drained = threading.Event()
 
     @property
     def base(self) -> str:
@@ -107,16 +109,13 @@ class ApiProcess:
         threading.Thread(target=self._read, daemon=True).start()
 
         async def up() -> bool:
+            # Its own "listening" line, not just an answer on the port: a port picked free
+            # may have been taken meanwhile by another test's server.
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"api exited {self.proc.returncode}: {self.proc.stdout.read() if self.proc.stdout else ''}"
-                )
-            try:
-                async with aiohttp.ClientSession() as s, s.get(self.base + "/livez") as r:
-                    return r.status == 200
-            except aiohttp.ClientError:
-                return False
+                await asyncio.to_thread(self._drained.wait, 5)
+                raise AssertionError(f"api exited {self.proc.returncode}: {self.lines[-10:]}")
+            return any("control API listening" in line for line in self.lines)
 
         await eventually(up, 20, 0.05, "campaign-worker api to listen")
         return self
@@ -125,6 +124,7 @@ class ApiProcess:
         assert self.proc is not None and self.proc.stdout is not None
         for line in self.proc.stdout:
             self.lines.append(line.rstrip("\n"))
+        self._drained.set()
 
     def stop(self) -> int:
         if self.proc is None:
