@@ -111,13 +111,12 @@ async def replay_group(
     that can no longer be replayed is reported, not raised; a bad group name, or a node
     the target version lacks, raises :class:`~app.errors.InvalidRequest`."""
     campaign_id, node, error_type = parse_group(group)
-    if to_version is not None:
-        campaign = await client.get_campaign(campaign_id, to_version)
-        if node != "-" and node not in campaign.nodes:
-            raise InvalidRequest(
-                f"group {group}: node {node!r} is not in version {to_version} of campaign "
-                f"{campaign_id!r}; replay on a version that has it, or migrate with --map first"
-            )
+    campaign = await client.get_campaign(campaign_id, to_version)  # CampaignNotFound names it
+    if to_version is not None and node != "-" and node not in campaign.nodes:
+        raise InvalidRequest(
+            f"group {group}: node {node!r} is not in version {to_version} of campaign "
+            f"{campaign_id!r}; replay on a version that has it, or migrate with --map first"
+        )
     groups = await failure_groups(client, campaign_id)
     match = next((g for g in groups if (g.node, g.error_type) == (node, error_type)), None)
     report = GroupReplay(group, total=match.count if match else 0)

@@ -292,10 +292,42 @@ def test_healthcheck_probes_livez(final: Stage) -> None:
     checks = final.all("HEALTHCHECK")
     assert len(checks) == 1, "expected exactly one HEALTHCHECK in the final stage"
     cmd = _healthcheck_cmd(checks[0].args)
-    assert cmd[0] == "python", "slim has no curl/wget: probe with python"
-    assert "/livez" in " ".join(cmd)
-    assert "/readyz" not in " ".join(cmd), "liveness must not depend on Redis"
+    assert cmd == ["python", "-m", "worker.healthcheck"], "slim has no curl/wget: probe with python"
     assert re.search(r"--timeout=\d", checks[0].args), "HEALTHCHECK without --timeout"
+
+
+async def test_the_image_healthcheck_finds_the_worker_or_the_api() -> None:
+    """worker.healthcheck (the HEALTHCHECK): healthy when /livez answers on the worker's
+    or the API's port, unhealthy when neither does; it never asks /readyz."""
+    import asyncio
+
+    from aiohttp import web
+
+    from worker.embedded_redis import free_port
+    from worker.healthcheck import alive
+
+    asked: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        asked.append(request.path)
+        return web.json_response({"status": "ok"})
+
+    app = web.Application()
+    app.router.add_get("/livez", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    closed = str(free_port())
+    try:
+        for env in ({"CAMPAIGN_HTTP_PORT": str(port), "CAMPAIGN_API_PORT": closed},
+                    {"CAMPAIGN_HTTP_PORT": closed, "CAMPAIGN_API_PORT": str(port)}):  # fmt: skip
+            assert await asyncio.to_thread(alive, env, 2.0)
+        assert not await asyncio.to_thread(alive, {"CAMPAIGN_HTTP_PORT": closed,
+                                                   "CAMPAIGN_API_PORT": closed}, 2.0)  # fmt: skip
+    finally:
+        await runner.cleanup()
+    assert asked == ["/livez", "/livez"]
 
 
 def test_stopsignal_is_sigterm(final: Stage) -> None:
@@ -314,7 +346,8 @@ def test_cmd_is_exec_form_campaign_worker_run(final: Stage) -> None:
 def test_runtime_settings(final: Stage) -> None:
     env = " ".join(i.args for i in final.all("ENV"))
     assert re.search(r"\bPYTHONUNBUFFERED=1\b", env)
-    assert any(i.args.split()[0].startswith("8080") for i in final.all("EXPOSE"))
+    exposed = {p for i in final.all("EXPOSE") for p in i.args.split()}
+    assert {"8080", "8000"} <= exposed, exposed
 
 
 def test_no_dev_dependencies_installed(stages: list[Stage]) -> None:

@@ -7,6 +7,7 @@ either; ``detail`` says what was wrong, naming the field and the value.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -83,13 +84,28 @@ _STATUS: list[tuple[type[CampaignError], int]] = [
 ]
 
 
+#: "field: message" at the start of a client error, as its messages are written.
+_FIELD = re.compile(r"(?:invalid campaign: )?([A-Za-z_][\w.\[\]-]*): (.+)", re.S)
+
+
 def from_campaign_error(exc: CampaignError) -> Problem:
-    """The problem for an error the client raised: its class name is the title."""
+    """The problem for an error the client raised: its class name is the title; a 422
+    also lists the field it names in ``errors``, as a validation problem does."""
     status = next((s for cls, s in _STATUS if isinstance(exc, cls)), 422)
     title = type(exc).__name__
+    extra: dict[str, Any] = {}
     if title == "InvalidRow":  # an enroll_many row: say how far the batch got
-        enrolled = getattr(exc, "enrolled", 0)
-        return Problem(status, "InvalidRequest", str(exc), enrolled=enrolled)
-    if title not in {cls.__name__ for cls, _ in _STATUS}:
+        title = "InvalidRequest"
+        extra["enrolled"] = getattr(exc, "enrolled", 0)
+    elif title not in {cls.__name__ for cls, _ in _STATUS}:
         title = "InvalidRequest" if isinstance(exc, InvalidRequest) else "CampaignError"
-    return Problem(status, title, str(exc))
+    detail = str(exc)
+    if status == 422:
+        errors = []
+        for part in detail.split("; "):
+            found = _FIELD.match(part)
+            if found:
+                errors.append({"field": found.group(1), "message": found.group(2)})
+        if errors:
+            extra["errors"] = errors
+    return Problem(status, title, detail, **extra)

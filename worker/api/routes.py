@@ -113,18 +113,31 @@ class Operation:
 # -- validation ----------------------------------------------------------------------------
 
 
-def describe_validation(exc: ValidationError, where: str = "") -> Problem:
+def _shown(value: Any) -> Any:
+    """A refused value as it can be shown in JSON: scalars as they were (long strings cut),
+    containers not at all."""
+    if isinstance(value, str):
+        return value if len(value) <= 120 else value[:120] + "..."
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return _OMIT
+
+
+_OMIT = object()
+
+
+def describe_validation(exc: ValidationError) -> Problem:
     """A 422 naming each bad field by its path (``contacts.3.timezone``) and value."""
     errors = []
     for err in exc.errors(include_url=False):
-        loc = ".".join(str(p) for p in err["loc"]) or where or "body"
-        if where and err["loc"]:
-            loc = f"{where}.{loc}" if where != "query" else loc
-        value = err.get("input")
-        shown = repr(value)[:120] if err["type"] != "missing" else None
-        errors.append({"field": loc, "message": err["msg"], **({"value": shown} if shown else {})})
+        entry: dict[str, Any] = {"field": ".".join(str(p) for p in err["loc"]) or "body",
+                                 "message": err["msg"]}  # fmt: skip
+        shown = _shown(err.get("input")) if err["type"] != "missing" else _OMIT
+        if shown is not _OMIT:
+            entry["value"] = shown
+        errors.append(entry)
     detail = "; ".join(
-        f"{e['field']}: {e['message']}" + (f" (got {e['value']})" if "value" in e else "")
+        f"{e['field']}: {e['message']}" + (f" (got {e['value']!r})" if "value" in e else "")
         for e in errors[:10]
     )
     return Problem(422, "InvalidRequest", detail, errors=errors[:100])
@@ -196,10 +209,15 @@ def bind(op: Operation, api: Api) -> Callable[[web.Request], Awaitable[web.Strea
             raise Problem(403, "Forbidden", "this token is read-only (ro:); writing needs another")
         call = Call(api, request, principal)
         if op.query is not None:
+            repeated = sorted({k for k in request.query if len(request.query.getall(k)) > 1})
+            if repeated:
+                raise Problem(422, "InvalidRequest", f"{repeated[0]}: given more than once",
+                              errors=[{"field": k, "message": "given more than once"}
+                                      for k in repeated])  # fmt: skip
             try:
                 call.query = op.query.model_validate(dict(request.query))
             except ValidationError as exc:
-                raise describe_validation(exc, "query") from None
+                raise describe_validation(exc) from None
         if op.body is not None or op.raw_body:
             call.body = _validated_body(op, await _raw_body(request, op.body_required))
         result = await op.handler(call)

@@ -159,7 +159,10 @@ def build_api(client: CampaignClient, settings: Settings, tokens: Tokens,
     api = Api(client, settings, tokens)
     app[API_KEY] = api
     for op in OPERATIONS:
-        app.router.add_route(op.method, op.path, bind(op, api), name=op.operation_id)
+        if op.method == "GET":  # HEAD too, as for any GET
+            app.router.add_get(op.path, bind(op, api), name=op.operation_id)
+        else:
+            app.router.add_route(op.method, op.path, bind(op, api), name=op.operation_id)
     document = orjson.dumps(openapi_document(__version__))
 
     async def openapi(_: web.Request) -> web.Response:

@@ -214,13 +214,16 @@ async def test_every_error_is_a_problem_naming_what_was_wrong(
     tz = await api.post(
         "/v1/campaigns/rt/enrollments", {"contact_id": "z", "timezone": "Mars/Base"}
     )
-    assert_problem(tz, 422, "InvalidRequest", "timezone", "Mars/Base")
+    assert assert_problem(tz, 422, "InvalidRequest", "timezone", "Mars/Base")["errors"][0][
+        "field"] == "timezone"  # fmt: skip
     typo = assert_problem(await api.post("/v1/campaigns/rt/enrollments", {"contact": "z"}),
                           422, "InvalidRequest", "contact_id", "contact")  # fmt: skip
     assert {e["field"] for e in typo["errors"]} == {"contact_id", "contact"}
     row = await api.post("/v1/campaigns/rt/enrollments/batch",
                          {"contacts": [{"contact_id": "ok"}, {"contact_id": 7}]})  # fmt: skip
-    assert_problem(row, 422, "InvalidRequest", "contacts.1.contact_id")
+    bad_row = assert_problem(row, 422, "InvalidRequest", "contacts.1.contact_id")
+    assert bad_row["errors"] == [{"field": "contacts.1.contact_id",
+                                  "message": "Input should be a valid string", "value": 7}]  # fmt: skip
     naive = await api.post(
         "/v1/campaigns/rt/enrollments", {"contact_id": "n", "run_at": "2030-01-01T00:00:00"}
     )
@@ -245,6 +248,11 @@ async def test_every_error_is_a_problem_naming_what_was_wrong(
     too_many = {"contacts": [{"contact_id": f"m{n}"} for n in range(5001)]}
     assert_problem(await api.post("/v1/campaigns/rt/enrollments/batch", too_many), 413, "TooLarge",
                    "5001", "5000")  # fmt: skip
+    twice = await api.get("/v1/campaigns/rt/enrollments?limit=1&limit=2")
+    assert_problem(twice, 422, "InvalidRequest", "limit: given more than once")
+    assert_problem(await api.post("/v1/failures/replay", {"group": "nope:a:B"}), 404,
+                   "CampaignNotFound", "'nope'")  # fmt: skip
+    assert (await api.call("HEAD", "/v1/queue")).status == 200
     assert_problem(await api.get("/v1/nothing-here"), 404, "NotFound")
     assert_problem(await api.call("DELETE", "/v1/queue"), 405, "MethodNotAllowed", "GET")
     # nothing was enrolled by the refused calls
