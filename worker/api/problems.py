@@ -7,6 +7,7 @@ either; ``detail`` says what was wrong, naming the field and the value.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -64,9 +65,13 @@ class Problem(Exception):
         }
 
     def response(self) -> web.Response:
+        try:
+            body = orjson.dumps(self.body())
+        except TypeError:  # an extension member orjson cannot encode: keep the problem
+            body = json.dumps(self.body(), default=str).encode()
         return web.Response(
             status=self.status,
-            body=orjson.dumps(self.body()),
+            body=body,
             content_type=CONTENT_TYPE,
             headers=self.headers,
         )

@@ -118,6 +118,8 @@ def _shown(value: Any) -> Any:
     containers not at all."""
     if isinstance(value, str):
         return value if len(value) <= 120 else value[:120] + "..."
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
+        return str(value)[:120]  # past what JSON encoders take as a number
     if value is None or isinstance(value, bool | int | float):
         return value
     return _OMIT

@@ -381,3 +381,14 @@ async def test_the_client_and_the_api_agree_on_a_status(api: ApiCaller, client: 
     over_http = (await api.get("/v1/enrollments/rt:same")).body
     assert over_http == st.model_dump(mode="json")
     assert State(over_http["state"]) is State.SCHEDULED
+
+
+async def test_numbers_past_64_bits_are_refused_as_422s(api: ApiCaller) -> None:
+    """Found by schemathesis: a refused integer too large for the JSON encoder."""
+    huge = b'{"group": "a:b:c", "to_version": -804553636655030206464}'
+    reply = await api.post("/v1/failures/replay", data=huge,
+                           headers={"Content-Type": "application/json"})  # fmt: skip
+    body = assert_problem(reply, 422, "InvalidRequest", "to_version")
+    assert body["errors"][0]["value"] == "-804553636655030206464"
+    reply = await api.get("/v1/campaigns/x/enrollments?limit=99999999999999999999999")
+    assert_problem(reply, 422, "InvalidRequest", "limit")
