@@ -16,9 +16,21 @@ from worker.api.problems import CONTENT_TYPE
 from worker.api.routes import OPERATIONS, Operation
 from worker.api.schemas import ProblemBody
 
-__all__ = ["COMMON_ERRORS", "openapi_document"]
+__all__ = ["COMMON_ERRORS", "EXAMPLE_CAMPAIGN", "openapi_document"]
 
 _REF = "#/components/schemas/{model}"
+
+#: The document's example definition (registered as is by the tests).
+EXAMPLE_CAMPAIGN: dict[str, Any] = {
+    "id": "example",
+    "entry": "hello",
+    "nodes": {
+        "hello": {"type": "action", "action": "log", "next": "wait"},
+        "wait": {"type": "wait", "event": "replied", "timeout": "P3D",
+                 "on_event": "done", "on_timeout": "done"},
+        "done": {"type": "exit"},
+    },
+}  # fmt: skip
 
 #: Errors any ``/v1`` operation can answer.
 COMMON_ERRORS = {
@@ -98,7 +110,7 @@ def openapi_document(version: str) -> dict[str, Any]:
     schemas: dict[str, Any] = dict(top.get("$defs", {}))
     definition = Campaign.model_json_schema(ref_template=_REF)
     schemas.update(definition.pop("$defs", {}))
-    schemas["Campaign"] = definition
+    schemas["Campaign"] = {**definition, "examples": [EXAMPLE_CAMPAIGN]}
     paths: dict[str, dict[str, Any]] = {}
     for op in OPERATIONS:
         responses: dict[str, Any] = {

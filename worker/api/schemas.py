@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, JsonValue
 
 from app.models import EnrollmentStatus, ErrorInfo, State
 
@@ -72,9 +72,15 @@ class _Out(BaseModel):
 # -- requests ------------------------------------------------------------------------------
 
 
+_CONTACT: dict[str, JsonValue] = {"contact_id": "contact-42", "timezone": "Europe/Berlin",
+            "attributes": {"email": "a@example.com"}}  # fmt: skip
+
+
 class EnrollRequest(_Body):
     """One contact to enroll; ``node`` and ``run_at`` place it part-way (moving it from
     another system)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_CONTACT]})
 
     contact_id: str = Field(min_length=1)
     attributes: dict[str, Any] | None = None
@@ -92,15 +98,25 @@ class EnrollRequest(_Body):
 class BatchRequest(_Body):
     """Contacts to enroll in one call (at most 5,000; more is answered 413)."""
 
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"contacts": [_CONTACT, {"contact_id": "contact-43"}]}]}
+    )
+
     contacts: list[EnrollRequest]
 
 
 class SignalRequest(_Body):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"event": "replied", "payload": {"text": "yes"}}]}
+    )
+
     event: str = Field(min_length=1)
     payload: dict[str, Any] | None = None
 
 
 class CancelRequest(_Body):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"reason": "unsubscribed"}]})
+
     reason: str = ""
 
 
