@@ -36,7 +36,7 @@ from app.models import ACTIVE_STATES, State
 from app.overview import node_counts
 from worker.api.auth import SESSION_COOKIE, SESSION_SECONDS, Principal
 from worker.api.problems import from_campaign_error
-from worker.api.routes import Api, _overview, failure_group_out
+from worker.api.routes import Api, campaign_overview, failure_group_out
 from worker.dead_letters import list_dead_letters
 
 __all__ = ["Graph", "layout", "setup_console"]
@@ -407,7 +407,7 @@ class Console:
     # -- pages -------------------------------------------------------------------------
 
     async def overview(self, request: web.Request, session: Session) -> web.StreamResponse:
-        view, campaigns = await _overview(self.api)
+        view, campaigns = await campaign_overview(self.api)
         return self.render("overview.html", session=session, view=view, campaigns=campaigns)
 
     async def campaign(self, request: web.Request, session: Session) -> web.StreamResponse:

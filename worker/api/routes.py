@@ -252,7 +252,8 @@ async def _versions(client: CampaignClient, ids: list[str]) -> dict[str, int]:
     return out
 
 
-async def _overview(api: Api) -> tuple[overview.Overview, list[CampaignSummary]]:
+async def campaign_overview(api: Api) -> tuple[overview.Overview, list[CampaignSummary]]:
+    """The queue overview, and each campaign's counts with its latest version."""
     client = api.client
     await client.connect()
     view = await overview.queue_overview(client.redis, client.service.keys, api.settings)
@@ -271,7 +272,7 @@ async def register_campaign(call: Call) -> CampaignCreated:
 
 
 async def list_campaigns(call: Call) -> CampaignList:
-    _, summaries = await _overview(call.api)
+    _, summaries = await campaign_overview(call.api)
     return CampaignList(items=summaries)
 
 
@@ -399,7 +400,7 @@ async def list_dead(call: Call) -> DeadLetterList:
 
 
 async def queue(call: Call) -> QueueOverview:
-    view, summaries = await _overview(call.api)
+    view, summaries = await campaign_overview(call.api)
     return QueueOverview(
         at=datetime.fromtimestamp(view.at or time.time(), UTC), due=view.due,
         deferred=view.deferred, running=view.running, dead=view.dead,
