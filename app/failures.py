@@ -6,6 +6,7 @@ a group has one name everywhere: ``CAMPAIGN:NODE:ERROR`` (``-`` for no node).
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -62,11 +63,22 @@ class GroupReplay:
 
 
 def parse_group(group: str) -> tuple[str, str, str]:
-    """``CAMPAIGN:NODE:ERROR`` split in three; InvalidRequest naming it otherwise."""
-    parts = group.split(":") if isinstance(group, str) else []
-    if len(parts) != 3 or not all(parts):
+    """``CAMPAIGN:NODE:ERROR`` split in three (a campaign id and an error type have no
+    ``:``, a node name may); InvalidRequest naming it otherwise."""
+    campaign, _, rest = group.partition(":") if isinstance(group, str) else ("", "", "")
+    node, _, error_type = rest.rpartition(":")
+    if not (campaign and node and error_type):
         raise InvalidRequest(f"group: must be CAMPAIGN:NODE:ERROR (got {str(group)[:200]!r})")
-    return parts[0], parts[1], parts[2]
+    return campaign, node, error_type
+
+
+def _failed_at(err: dict[str, Any]) -> float:
+    """When an error document says it happened (0 when it cannot be read)."""
+    try:
+        at = float(err.get("at") or 0)
+    except (TypeError, ValueError, OverflowError):
+        return 0.0
+    return at if math.isfinite(at) else 0.0
 
 
 def _error_doc(raw: str | None) -> dict[str, Any]:
@@ -98,7 +110,7 @@ async def failure_groups(
             found[(cid, node or "-", str(err.get("type", "?")))].append((eid, err))
     groups = []
     for (cid, node, etype), members in found.items():
-        members.sort(key=lambda m: m[1].get("at") or 0, reverse=True)
+        members.sort(key=lambda m: _failed_at(m[1]), reverse=True)
         groups.append(FailureGroup(cid, node, etype, members))
     groups.sort(key=lambda g: (-g.count, g.name))
     return groups

@@ -147,6 +147,13 @@ class EnrollManyResult(int):
         """Rows not enrolled, for any reason."""
         return self.already_enrolled + self.conflict_count
 
+    def __str__(self) -> str:
+        # the count, as an int prints (f"{n} enrolled"); repr() has the details
+        return str(int(self))
+
+    def __format__(self, spec: str) -> str:
+        return format(int(self), spec)
+
     def __repr__(self) -> str:
         return (
             f"EnrollManyResult({int(self)}, already_enrolled={self.already_enrolled}, "

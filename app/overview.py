@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +48,7 @@ _FILTERED_COUNT = 500
 _SCAN_BUDGET = 20_000
 #: Campaigns whose counts go in one pipeline.
 _SLICE = 500
-_CURSOR_VERSION = "1"
+_CURSOR_VERSION = "2"
 
 
 # -- listing ---------------------------------------------------------------------------
@@ -78,27 +79,28 @@ class _Position:
     until: int = 0
     after: str | None = None
 
-    def encode(self) -> str:
+    def encode(self, scope: str) -> str:
         text = ".".join(
-            [_CURSOR_VERSION, *(str(n) for n in (self.state, self.shard, self.scan,
-                                                 self.count, self.until)), self.after or ""]
+            [_CURSOR_VERSION, scope, *(str(n) for n in (self.state, self.shard, self.scan,
+                                                        self.count, self.until)), self.after or ""]
         )  # fmt: skip
         return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
     @classmethod
-    def decode(cls, cursor: str, states: list[int], shards: int) -> _Position:
+    def decode(cls, cursor: str, scope: str, states: list[int], shards: int) -> _Position:
         bad = InvalidRequest(
             f"cursor: {cursor[:80]!r} is not a cursor of this listing (pass the next_cursor "
-            "of the previous page, with the same campaign and state)"
+            "of the previous page, with the same campaign, state and node)"
         )
         try:
             text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-            version, *numbers, after = text.split(".", 6)
+            version, of, *numbers, after = text.split(".", 7)
             state, shard, scan, count, until = (int(n) for n in numbers)
         except (ValueError, binascii.Error, UnicodeDecodeError):
             raise bad from None
         if (
             version != _CURSOR_VERSION
+            or of != scope
             or state not in states
             or not 0 <= shard < shards
             or min(scan, count, until) < 0
@@ -141,12 +143,15 @@ async def list_enrollments(
         states = [_STATES.index(state)]
     else:
         raise InvalidRequest(f"state: must be one of {', '.join(_STATES)} (got {state!r})")
+    # A cursor names the listing it continues: one of another campaign, state or node
+    # filter is refused rather than read as a position in this one.
+    scope = hashlib.sha256(f"{campaign_id}\0{state}\0{node}".encode()).hexdigest()[:12]
     if cursor is None:
         if not await redis.sismember(keys.campaigns, campaign_id):  # type: ignore[misc]
             raise CampaignNotFound(f"no campaign named {campaign_id[:200]!r} is registered")
         pos: _Position | None = _Position(states[0], 0)
     else:
-        pos = _Position.decode(cursor, states, keys.shards)
+        pos = _Position.decode(cursor, scope, states, keys.shards)
 
     items: list[tuple[str, str, str | None]] = []
     budget = _SCAN_BUDGET
@@ -176,7 +181,7 @@ async def list_enrollments(
         pos = _advance(pos, next_scan, states, keys.shards)
     if pos is not None and pos.scan == 0 and not pos.after:
         pos = await _first_nonempty(redis, keys, campaign_id, pos, states)
-    return Page(items, pos.encode() if pos is not None else None)
+    return Page(items, pos.encode(scope) if pos is not None else None)
 
 
 async def _first_nonempty(

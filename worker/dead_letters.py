@@ -54,6 +54,10 @@ class DeadLetterEntry:
     payload: str
 
 
+#: Epoch seconds of 10000-01-01: later (or nan) is not a time a letter was written.
+_YEAR_10000 = 253_402_300_800
+
+
 def _entry(shard: int, raw: bytes) -> DeadLetterEntry:
     try:
         doc: Any = orjson.loads(raw)
@@ -65,6 +69,8 @@ def _entry(shard: int, raw: bytes) -> DeadLetterEntry:
     try:
         at: float | None = float(doc.get("at") or 0) or None
     except (TypeError, ValueError, OverflowError):
+        at = None
+    if at is not None and not 0 < at < _YEAR_10000:  # nan, inf, or no date a clock can show
         at = None
     job_id = doc.get("job_id")
     return DeadLetterEntry(

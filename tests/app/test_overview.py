@@ -142,12 +142,15 @@ async def test_bad_arguments_are_named(client: CampaignClient) -> None:
             await list_enrollments(redis, keys, "mix", cursor=cursor)
     with pytest.raises(CampaignNotFound, match="no campaign named 'other'"):
         await list_enrollments(redis, keys, "other")
-    # a cursor is tied to its state filter, and to the shard count
+    # a cursor is tied to its listing (campaign, state and node filters), and to the
+    # shard count: used with another one it is refused, not read as a position in it
     page = await list_enrollments(redis, keys, "mix", state="waiting", limit=10)
     assert page.next_cursor is not None
-    with pytest.raises(InvalidRequest, match=r"^cursor: "):
-        await list_enrollments(redis, keys, "mix", state="failed", cursor=page.next_cursor)
-    assert len((await list_enrollments(redis, keys, "mix", cursor=page.next_cursor)).items) == 20
+    for other in ({"state": "failed"}, {}, {"state": "waiting", "node": "w"}):
+        with pytest.raises(InvalidRequest, match=r"^cursor: "):
+            await list_enrollments(redis, keys, "mix", cursor=page.next_cursor, **other)  # type: ignore[arg-type]
+    rest = await list_enrollments(redis, keys, "mix", state="waiting", cursor=page.next_cursor)
+    assert len(rest.items) == 20
 
 
 async def test_enrollments_that_keep_their_state_are_listed_while_others_move(

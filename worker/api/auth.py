@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -32,6 +33,11 @@ class Principal:
     may_write: bool
 
 
+#: What a token may be made of (as CAMPAIGN_API_TOKENS allows), and a session cookie.
+_TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]{1,4096}")
+_COOKIE = re.compile(r"[0-9a-f]{12}\.[0-9]{1,12}\.[A-Za-z0-9_-]{1,64}\.[0-9a-f]{64}")
+
+
 def _token_id(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()[:12]
 
@@ -47,7 +53,10 @@ class Tokens:
         return len(self._by_id)
 
     def check(self, token: str) -> Principal | None:
-        """The principal of a presented token, or None when it is not one of ours."""
+        """The principal of a presented token, or None when it is not one of ours
+        (anything that is not a token's characters, e.g. bytes a header smuggled in)."""
+        if not _TOKEN.fullmatch(token):
+            return None
         found = self._by_id.get(_token_id(token))
         if found is None or not hmac.compare_digest(found[0].encode(), token.encode()):
             return None
@@ -78,14 +87,11 @@ class Tokens:
 
     def session(self, cookie: str | None, now: float | None = None) -> tuple[Principal, str] | None:
         """``(principal, csrf token)`` of a valid, unexpired session cookie, else None."""
-        if not cookie:
+        if not cookie or not _COOKIE.fullmatch(cookie):
             return None
-        parts = cookie.split(".")
-        if len(parts) != 4:
-            return None
-        tid, expiry, nonce, mac = parts
+        tid, expiry, nonce, mac = cookie.split(".")
         found = self._by_id.get(tid)
-        if found is None or not expiry.isdigit() or int(expiry) < (now or time.time()):
+        if found is None or int(expiry) < (now or time.time()):
             return None
         token, may_write = found
         if not hmac.compare_digest(mac, self._mac(token, "session", tid, expiry, nonce)):

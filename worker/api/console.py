@@ -14,6 +14,7 @@ logout. Templates autoescape everything: ids come from users.
 from __future__ import annotations
 
 import logging
+import re
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -33,7 +34,6 @@ from app.durations import format_duration
 from app.errors import CampaignError, EnrollmentNotFound, InvalidRequest
 from app.failures import failure_groups, replay_group
 from app.models import ACTIVE_STATES, State
-from app.overview import node_counts
 from worker.api.auth import SESSION_COOKIE, SESSION_SECONDS, Principal
 from worker.api.problems import from_campaign_error
 from worker.api.routes import Api, campaign_overview, failure_group_out
@@ -414,10 +414,10 @@ class Console:
         client = self.api.client
         campaign = await client.get_campaign(request.match_info["campaign_id"])
         counts = await client.service.store.count_by_state(campaign.id)
-        by_node, complete = await node_counts(client.redis, client.service.keys, campaign.id)
+        by_node, complete = await self.api.node_counts(campaign.id)
         elsewhere = {n: c for n, c in sorted(by_node.items()) if n not in campaign.nodes}
         wanted = request.query.get("version", "")
-        if wanted and not (wanted.isdigit() and 1 <= int(wanted) <= (campaign.version or 1)):
+        if wanted and not (_number(wanted) and 1 <= int(wanted) <= (campaign.version or 1)):
             raise InvalidRequest(f"version: {wanted[:40]!r} is not a version of {campaign.id}")
         # the graph is always the latest version's; ?version=N shows an older definition
         shown = await client.get_campaign(campaign.id, int(wanted)) if wanted else campaign
@@ -487,10 +487,10 @@ class Console:
         groups = [failure_group_out(g) for g in await failure_groups(self.api.client)]
         q = request.query
         result = None
-        if q.get("replayed", "").isdigit() and q.get("total", "").isdigit():
+        if _number(q.get("replayed", "")) and _number(q.get("total", "")):
             result = {"group": q.get("group", ""), "replayed": int(q["replayed"]),
                       "total": int(q["total"]),
-                      "skipped": int(q["skipped"]) if q.get("skipped", "").isdigit() else 0}  # fmt: skip
+                      "skipped": int(q["skipped"]) if _number(q.get("skipped", "")) else 0}  # fmt: skip
         trace_url = self.api.settings.trace_url
         return self.render("failures.html", session=session, groups=groups, result=result,
                            trace_url=trace_url)  # fmt: skip
@@ -529,10 +529,17 @@ def _text(value: object) -> str:
     return value if isinstance(value, str) else ""
 
 
+def _number(text: str) -> bool:
+    """ASCII digits only (str.isdigit() also takes "²", which int() refuses)."""
+    return re.fullmatch(r"[0-9]{1,10}", text) is not None
+
+
 def _safe_next(target: str | None) -> bool:
-    # only a console path of this site: never "//host" or a full URL (an open redirect)
+    # only a console path of this site: never "//host" or a full URL (an open redirect),
+    # nor a control character (it would end up in the Location header)
     return bool(target) and str(target).startswith("/ui/") and "\\" not in str(target) \
-        and not str(target).startswith("/ui/login")  # fmt: skip
+        and not str(target).startswith("/ui/login") \
+        and not re.search(r"[\x00-\x20\x7f]", str(target))  # fmt: skip
 
 
 def _next_of(target: str | None) -> str:

@@ -63,6 +63,10 @@ __all__ = ["API_KEY", "OPERATIONS", "Api", "Operation", "bind", "describe_valida
 API_KEY: web.AppKey[Api] = web.AppKey("campaign_api")
 
 
+#: Seconds a campaign's counts by node are reused (they read every enrollment's node).
+NODE_COUNT_TTL = 2.0
+
+
 @dataclass
 class Api:
     """What the handlers share: the client, the settings and the tokens."""
@@ -70,6 +74,30 @@ class Api:
     client: CampaignClient
     settings: Settings
     tokens: Tokens
+    _node_counts: dict[str, tuple[float, asyncio.Task[Any]]] = field(default_factory=dict)
+
+    async def node_counts(self, campaign_id: str) -> tuple[dict[str, dict[str, int]], bool]:
+        """:func:`app.overview.node_counts`, at most one count per campaign at a time and
+        reused for :data:`NODE_COUNT_TTL` seconds: it reads every enrollment, so views of
+        a large campaign (a dashboard, several operators) must not each start one."""
+        now = time.monotonic()
+        if len(self._node_counts) > 1000:  # forget old counts of campaigns nobody looks at
+            self._node_counts = {k: v for k, v in self._node_counts.items()
+                                 if now - v[0] < NODE_COUNT_TTL}  # fmt: skip
+        cached = self._node_counts.get(campaign_id)
+        if (
+            cached is None
+            or now - cached[0] >= NODE_COUNT_TTL
+            or (cached[1].done() and cached[1].exception() is not None)
+        ):
+            client = self.client
+            task = asyncio.ensure_future(
+                overview.node_counts(client.redis, client.service.keys, campaign_id)
+            )
+            cached = self._node_counts[campaign_id] = (now, task)
+        # shielded: a caller that goes away must not cancel the count the others wait for
+        result: tuple[dict[str, dict[str, int]], bool] = await asyncio.shield(cached[1])
+        return result
 
 
 @dataclass
@@ -145,9 +173,25 @@ def describe_validation(exc: ValidationError) -> Problem:
     return Problem(422, "InvalidRequest", detail, errors=errors[:100])
 
 
-async def _raw_body(request: web.Request, required: bool) -> bytes | None:
-    """The body's bytes; None when there is none and none is required."""
-    raw = await request.read()
+#: Bytes a batch body may take (5,000 contacts of up to about 6 KiB each).
+BATCH_BODY_BYTES = 32 * 1024 * 1024
+
+
+def body_limit(op: Operation, settings: Settings) -> int:
+    """The most bytes ``op`` reads of a body (more is a 413 before anything is parsed):
+    each operation's own inputs and limits, so that no caller can make the API hold
+    more than it needs."""
+    if op.raw_body:
+        return settings.max_definition_bytes + 4096
+    if op.body is BatchRequest:
+        return BATCH_BODY_BYTES
+    return 2 * max(settings.max_attributes_bytes, settings.max_payload_bytes) + 65_536
+
+
+async def _raw_body(request: web.Request, required: bool, limit: int) -> bytes | None:
+    """The body's bytes; None when there is none and none is required. Past ``limit``
+    aiohttp stops reading and raises HTTPRequestEntityTooLarge (a 413 problem)."""
+    raw = await request.clone(client_max_size=limit).read()
     if not raw.strip():
         if required:
             raise Problem(400, "BadRequest", "the request needs a JSON body")
@@ -155,7 +199,13 @@ async def _raw_body(request: web.Request, required: bool) -> bytes | None:
     return raw
 
 
+#: JSON's names for what a body decoded to.
+_JSON_TYPES = {"dict": "object", "list": "array", "str": "string", "int": "number",
+               "float": "number", "bool": "boolean", "NoneType": "null"}  # fmt: skip
+
+
 def _not_an_object(op: Operation, got: str) -> Problem:
+    got = _JSON_TYPES.get(got, got)
     title = "InvalidCampaign" if op.raw_body else "InvalidRequest"
     return Problem(422, title, f"body: must be a JSON object (got {got})",
                    errors=[{"field": "body", "message": "must be a JSON object"}])  # fmt: skip
@@ -176,6 +226,8 @@ def _validated_body(op: Operation, raw: bytes | None) -> Any:
     assert op.body is not None
     if raw is None:
         return op.body()
+    if op.body is BatchRequest:
+        _check_batch_size(raw)
     try:
         body = op.body.model_validate_json(raw)
     except ValidationError as exc:
@@ -187,13 +239,23 @@ def _validated_body(op: Operation, raw: bytes | None) -> Any:
         if first["type"] == "model_type" and not first["loc"]:
             raise _not_an_object(op, type(first.get("input")).__name__) from None
         raise describe_validation(exc) from None
-    if isinstance(body, BatchRequest) and len(body.contacts) > BATCH_LIMIT:
+    return body
+
+
+def _check_batch_size(raw: bytes) -> None:
+    """413 for more than BATCH_LIMIT contacts, counted before any row is validated (that
+    costs a fraction of validating them)."""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return  # the validation says what is wrong with it
+    contacts = doc.get("contacts") if isinstance(doc, dict) else None
+    if isinstance(contacts, list) and len(contacts) > BATCH_LIMIT:
         raise Problem(
             413, "TooLarge",
-            f"contacts: {len(body.contacts)} rows; one call takes at most {BATCH_LIMIT} "
+            f"contacts: {len(contacts)} rows; one call takes at most {BATCH_LIMIT} "
             "(split the batch)",
         )  # fmt: skip
-    return body
 
 
 def bind(op: Operation, api: Api) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -221,7 +283,8 @@ def bind(op: Operation, api: Api) -> Callable[[web.Request], Awaitable[web.Strea
             except ValidationError as exc:
                 raise describe_validation(exc) from None
         if op.body is not None or op.raw_body:
-            call.body = _validated_body(op, await _raw_body(request, op.body_required))
+            raw = await _raw_body(request, op.body_required, body_limit(op, api.settings))
+            call.body = _validated_body(op, raw)
         result = await op.handler(call)
         body = op.response.model_validate(result) if not isinstance(result, BaseModel) else result
         return web.Response(
@@ -279,13 +342,12 @@ async def list_campaigns(call: Call) -> CampaignList:
 async def get_campaign(call: Call) -> CampaignDetail:
     client = call.api.client
     campaign = await client.get_campaign(call.path("campaign_id"))
-    assert campaign.version is not None
+    version = campaign.version or 1
     counts, (by_node, complete) = await asyncio.gather(
-        client.service.store.count_by_state(campaign.id),
-        overview.node_counts(client.redis, client.service.keys, campaign.id),
+        client.service.store.count_by_state(campaign.id), call.api.node_counts(campaign.id)
     )
     return CampaignDetail(
-        id=campaign.id, version=campaign.version, versions=list(range(1, campaign.version + 1)),
+        id=campaign.id, version=version, versions=list(range(1, version + 1)),
         definition=campaign.definition(), counts=counts,
         by_node=by_node, by_node_complete=complete,
     )  # fmt: skip

@@ -128,7 +128,7 @@ class ReplayRequest(_Body):
 
 class GroupReplayRequest(_Body):
     group: str = Field(
-        pattern=r"^[^:]+:[^:]+:[^:]+$",
+        pattern=r"^[^:]+:.+:[^:]+$",
         description="CAMPAIGN:NODE:ERROR, as GET /v1/failures names it",
     )
     to_version: int | None = Field(default=None, ge=1, le=MAX_VERSION)

@@ -40,9 +40,9 @@ __all__ = ["ApiMetrics", "build_api", "run_api"]
 log = logging.getLogger("worker.api")
 tracer = trace.get_tracer("campaign_scheduler.api")
 
-#: Bodies above this are refused with 413 before they are read whole (a batch of 5,000
-#: contacts with large attributes fits; a definition has its own, smaller limit).
-MAX_BODY_BYTES = 64 * 1024 * 1024
+#: Bodies above this are refused with 413 before they are read whole: the console's forms
+#: and anything without its own limit (each /v1 operation has one: routes.body_limit).
+MAX_BODY_BYTES = 64 * 1024
 
 
 class ApiMetrics:
@@ -90,7 +90,7 @@ def _problem_for(exc: BaseException) -> Problem | None:
             headers={"Retry-After": "1"},
         )  # fmt: skip
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        return Problem(413, "TooLarge", f"the body is larger than {MAX_BODY_BYTES} bytes")
+        return Problem(413, "TooLarge", f"the body is larger than this operation takes: {exc.text}")
     if isinstance(exc, web.HTTPNotFound):
         return Problem(404, "NotFound", "no such path (see /openapi.json)")
     if isinstance(exc, web.HTTPMethodNotAllowed):
@@ -112,8 +112,10 @@ def _middleware(metrics: ApiMetrics) -> Callable[..., Awaitable[web.StreamRespon
         try:
             with tracer.start_as_current_span(
                 f"{request.method} {route}", kind=SpanKind.SERVER,
+                # the route template, not the path: ids (contact ids may be personal data)
+                # stay out of traces, as out of metric labels
                 attributes={"http.request.method": request.method, "http.route": route,
-                            "url.path": request.path[:512], "url.scheme": request.scheme},
+                            "url.scheme": request.scheme},
             ) as span:  # fmt: skip
                 try:
                     response = await handler(request)

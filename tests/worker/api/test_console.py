@@ -374,6 +374,34 @@ async def test_ids_are_escaped_and_errors_are_html_pages(
     assert unknown.status in (404, 422) and unknown.headers["Content-Type"].startswith("text/html")
 
 
+async def test_odd_query_values_and_cookies_are_answered_not_crashed_on(
+    ui: Browser, client: CampaignClient
+) -> None:
+    """Found in review: Unicode digits (str.isdigit() takes them, int() does not), a login
+    link whose next= carries CR/LF, and a malformed session cookie."""
+    await populate(client)
+    await ui.login(RW)
+    for path in ("/ui/campaigns/onboard?version=%C2%B2", "/ui/campaigns/onboard?version=99"):
+        got = await ui.get(path)
+        assert got.status == 422 and "422 · InvalidRequest" in got.text, (path, got.text[:300])
+    got = await ui.get("/ui/failures?replayed=%C2%B2&total=1")
+    assert got.status == 200 and "Replayed" not in got.text
+    ui.cookie = None
+    got = await ui.request("POST", "/ui/login", {"token": RW,
+                                                 "next": "/ui/\r\nSet-Cookie: a=b"})  # fmt: skip
+    assert got.status == 303 and got.headers["Location"] == "/ui/"
+    for cookie in ("x", "0" * 12 + ".\u00b2.n." + "0" * 64, "a.b.c.d"):
+        ui.cookie = cookie
+        got = await ui.get("/ui/")
+        assert got.status == 303 and got.headers["Location"].startswith("/ui/login")
+
+
+async def test_a_huge_login_form_is_refused_unread(ui: Browser) -> None:
+    """Found in review: the login form was read up to the API's largest body (64 MiB)."""
+    got = await ui.request("POST", "/ui/login", {"token": "x" * 200_000})
+    assert got.status == 413
+
+
 # -- in a real browser ---------------------------------------------------------------------
 
 SCREENSHOTS = Path(os.environ.get("CONSOLE_SCREENSHOTS") or ROOT / "artifacts" / "console")
