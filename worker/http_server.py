@@ -106,8 +106,13 @@ class HealthServer:
         port: int,
         *,
         variables: tuple[str, str] = ("CAMPAIGN_HTTP_HOST", "CAMPAIGN_HTTP_PORT"),
+        shutdown_timeout: float = 10.0,
     ) -> None:
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # aiohttp waits up to shutdown_timeout for requests in flight at stop (its default,
+        # 60 s, outlives Kubernetes' 30 s grace period)
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout
+        )
         self._host = host
         self._port = port
         self._variables = variables
