@@ -107,7 +107,9 @@ async def failure_groups(
         rows = await service.store.records(ids, "node", "error")
         for eid, (node, error) in zip(ids, rows, strict=True):
             err = _error_doc(error)
-            found[(cid, node or "-", str(err.get("type", "?")))].append((eid, err))
+            # an error type is a class name; a stored one with ':' would not parse back
+            error_type = str(err.get("type", "?")).replace(":", "_") or "?"
+            found[(cid, node or "-", error_type)].append((eid, err))
     groups = []
     for (cid, node, etype), members in found.items():
         members.sort(key=lambda m: _failed_at(m[1]), reverse=True)

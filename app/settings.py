@@ -375,6 +375,8 @@ class Settings(BaseSettings):
 
 #: Shortest API token accepted: a guessable token is no protection.
 MIN_TOKEN_LENGTH = 16
+#: Longest API token accepted (worker.api.auth refuses longer ones unread).
+MAX_TOKEN_LENGTH = 4096
 
 
 def parse_api_tokens(text: str) -> dict[str, bool]:
@@ -391,6 +393,8 @@ def parse_api_tokens(text: str) -> dict[str, bool]:
                 f"token {number} is shorter than {MIN_TOKEN_LENGTH} characters "
                 "(make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
             )
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise ValueError(f"token {number} is longer than {MAX_TOKEN_LENGTH} characters")
         if not re.fullmatch(r"[A-Za-z0-9._~+/=-]+", token):
             raise ValueError(
                 f"token {number} has a character other than letters, digits and ._~+/=-"

@@ -20,10 +20,12 @@ PORTS = (("CAMPAIGN_HTTP_PORT", "8080"), ("CAMPAIGN_API_PORT", "8000"))
 
 def alive(env: Mapping[str, str] = os.environ, timeout: float = 2.0) -> bool:
     """Whether ``/livez`` answers 2xx on one of the ports."""
+    # no proxy: HTTP_PROXY in the container's environment must not route loopback away
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     for variable, default in PORTS:
         url = f"http://127.0.0.1:{env.get(variable) or default}/livez"
         try:
-            with urllib.request.urlopen(url, timeout=timeout):
+            with opener.open(url, timeout=timeout):
                 return True
         except (OSError, ValueError):
             continue

@@ -306,3 +306,17 @@ def test_a_good_url_with_a_query_password_is_redacted_everywhere() -> None:
     s = Settings.load(redis_url="redis://h:6379/0?password=hunter2")
     assert s.redacted_redis_url() == "redis://h:6379/0?password=***"
     assert "hunter2" not in repr(s) and "hunter2" not in str(s.model_dump())
+
+
+@pytest.mark.parametrize(
+    ("tokens", "says"),
+    [
+        ("a" * 5000, "token 1 is longer than 4096 characters"),
+        ("ok-token-0123456789, short", "token 2 is shorter than 16 characters"),
+        ("ok-token-0123456789,to ken-0123456789abc", "token 2 has a character"),
+    ],
+)
+def test_api_tokens_are_checked_without_being_echoed(tokens: str, says: str) -> None:
+    with pytest.raises(ConfigError, match=f"^CAMPAIGN_API_TOKENS: {says}") as exc:
+        Settings.load(api_tokens=tokens)
+    assert "ok-token" not in str(exc.value) and "aaaa" not in str(exc.value)

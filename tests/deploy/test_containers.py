@@ -296,7 +296,9 @@ def test_healthcheck_probes_livez(final: Stage) -> None:
     assert re.search(r"--timeout=\d", checks[0].args), "HEALTHCHECK without --timeout"
 
 
-async def test_the_image_healthcheck_finds_the_worker_or_the_api() -> None:
+async def test_the_image_healthcheck_finds_the_worker_or_the_api(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """worker.healthcheck (the HEALTHCHECK): healthy when /livez answers on the worker's
     or the API's port, unhealthy when neither does; it never asks /readyz."""
     import asyncio
@@ -320,6 +322,9 @@ async def test_the_image_healthcheck_finds_the_worker_or_the_api() -> None:
     await web.TCPSite(runner, "127.0.0.1", port).start()
     closed = str(free_port())
     try:
+        # HTTP_PROXY must not send the probe elsewhere (a proxy that is not there)
+        monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+        monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
         for env in ({"CAMPAIGN_HTTP_PORT": str(port), "CAMPAIGN_API_PORT": closed},
                     {"CAMPAIGN_HTTP_PORT": closed, "CAMPAIGN_API_PORT": str(port)}):  # fmt: skip
             assert await asyncio.to_thread(alive, env, 2.0)

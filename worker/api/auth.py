@@ -16,7 +16,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from app.settings import parse_api_tokens
+from app.settings import MAX_TOKEN_LENGTH, parse_api_tokens
 
 __all__ = ["SESSION_COOKIE", "SESSION_SECONDS", "Principal", "Tokens"]
 
@@ -34,7 +34,7 @@ class Principal:
 
 
 #: What a token may be made of (as CAMPAIGN_API_TOKENS allows), and a session cookie.
-_TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]{1,4096}")
+_TOKEN = re.compile(rf"[A-Za-z0-9._~+/=-]{{1,{MAX_TOKEN_LENGTH}}}")
 _COOKIE = re.compile(r"[0-9a-f]{12}\.[0-9]{1,12}\.[A-Za-z0-9_-]{1,64}\.[0-9a-f]{64}")
 
 

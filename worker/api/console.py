@@ -349,7 +349,9 @@ class Console:
                 target = request.path_qs if request.method == "GET" else None
                 return _see_other("/ui/login" + _qs(next=target if _safe_next(target) else None))
             if request.method == "POST":
-                form = await request.post()
+                form = await _form(request)
+                if form is None:
+                    return self.error(400, "BadRequest", _BAD_FORM, session)
                 problem = self.origin_problem(request)
                 if problem is None and form.get("csrf") != session.csrf:
                     problem = "the form's CSRF token is missing or stale; reload the page"
@@ -384,7 +386,9 @@ class Console:
                            insecure=self.plain_http_remote(request))  # fmt: skip
 
     async def login(self, request: web.Request) -> web.StreamResponse:
-        form = await request.post()
+        form = await _form(request)
+        if form is None:
+            return self.error(400, "BadRequest", _BAD_FORM)
         target = _next_of(_text(form.get("next")))
         problem = self.origin_problem(request)
         if problem is not None:
@@ -496,7 +500,7 @@ class Console:
                            trace_url=trace_url)  # fmt: skip
 
     async def replay_failures(self, request: web.Request, session: Session) -> web.StreamResponse:
-        form = await request.post()
+        form = await _form(request) or {}
         report = await replay_group(self.api.client, _text(form.get("group")))
         # the outcome travels in the redirect as numbers; the page words it (no free text)
         return _see_other("/ui/failures" + _qs(group=report.group, replayed=report.replayed,
@@ -527,6 +531,18 @@ _DONE = {
 
 def _text(value: object) -> str:
     return value if isinstance(value, str) else ""
+
+
+_BAD_FORM = "the form could not be read (send it as the page's form does)"
+
+
+async def _form(request: web.Request) -> Any:
+    """The posted form; None when aiohttp cannot read it (bytes that are not UTF-8, an
+    unknown charset, a multipart body without a boundary or a field name)."""
+    try:
+        return await request.post()
+    except (ValueError, KeyError, LookupError, AssertionError):
+        return None
 
 
 def _number(text: str) -> bool:

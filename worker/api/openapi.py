@@ -126,6 +126,8 @@ def openapi_document(version: str) -> dict[str, Any]:
         codes = set(COMMON_ERRORS) | set(op.errors) | ({403} if op.writes else set())
         if op.query is not None or op.body is not None or op.raw_body:
             codes.add(422)
+        if op.body is not None or op.raw_body:
+            codes.add(413)  # each operation reads its body up to its own limit
         for code in sorted(codes):
             responses[str(code)] = _problem(COMMON_ERRORS.get(code) or _ERROR_TEXT[code])
         entry: dict[str, Any] = {

@@ -74,27 +74,38 @@ class Api:
     client: CampaignClient
     settings: Settings
     tokens: Tokens
-    _node_counts: dict[str, tuple[float, asyncio.Task[Any]]] = field(default_factory=dict)
+    #: campaign id -> (when its count finished, or None while it runs; the count)
+    _node_counts: dict[str, tuple[float | None, asyncio.Task[Any]]] = field(
+        default_factory=dict, init=False, repr=False
+    )
 
     async def node_counts(self, campaign_id: str) -> tuple[dict[str, dict[str, int]], bool]:
-        """:func:`app.overview.node_counts`, at most one count per campaign at a time and
-        reused for :data:`NODE_COUNT_TTL` seconds: it reads every enrollment, so views of
-        a large campaign (a dashboard, several operators) must not each start one."""
+        """:func:`app.overview.node_counts`, at most one count per campaign at a time (a
+        view arriving meanwhile waits for it) and its result reused for
+        :data:`NODE_COUNT_TTL` seconds after it ends: it reads every enrollment, so views
+        of a large campaign (a dashboard, several operators) must not each start one."""
         now = time.monotonic()
         if len(self._node_counts) > 1000:  # forget old counts of campaigns nobody looks at
             self._node_counts = {k: v for k, v in self._node_counts.items()
-                                 if now - v[0] < NODE_COUNT_TTL}  # fmt: skip
+                                 if v[0] is None or now - v[0] < NODE_COUNT_TTL}  # fmt: skip
         cached = self._node_counts.get(campaign_id)
-        if (
-            cached is None
-            or now - cached[0] >= NODE_COUNT_TTL
-            or (cached[1].done() and cached[1].exception() is not None)
-        ):
+        if cached is None or (cached[0] is not None and (
+            now - cached[0] >= NODE_COUNT_TTL or cached[1].cancelled()
+            or cached[1].exception() is not None
+        )):  # fmt: skip
             client = self.client
             task = asyncio.ensure_future(
                 overview.node_counts(client.redis, client.service.keys, campaign_id)
             )
-            cached = self._node_counts[campaign_id] = (now, task)
+            cached = self._node_counts[campaign_id] = (None, task)
+
+            def finished(done: asyncio.Task[Any], campaign_id: str = campaign_id) -> None:
+                if not done.cancelled():
+                    done.exception()  # retrieved: a failure is the waiters' error, not a log line
+                if self._node_counts.get(campaign_id, (0.0, None))[1] is done:
+                    self._node_counts[campaign_id] = (time.monotonic(), done)
+
+            task.add_done_callback(finished)
         # shielded: a caller that goes away must not cancel the count the others wait for
         result: tuple[dict[str, dict[str, int]], bool] = await asyncio.shield(cached[1])
         return result
@@ -141,6 +152,9 @@ class Operation:
 # -- validation ----------------------------------------------------------------------------
 
 
+_OMIT = object()
+
+
 def _shown(value: Any) -> Any:
     """A refused value as it can be shown in JSON: scalars as they were (long strings cut),
     containers not at all."""
@@ -151,9 +165,6 @@ def _shown(value: Any) -> Any:
     if value is None or isinstance(value, bool | int | float):
         return value
     return _OMIT
-
-
-_OMIT = object()
 
 
 def describe_validation(exc: ValidationError) -> Problem:
@@ -181,8 +192,8 @@ def body_limit(op: Operation, settings: Settings) -> int:
     """The most bytes ``op`` reads of a body (more is a 413 before anything is parsed):
     each operation's own inputs and limits, so that no caller can make the API hold
     more than it needs."""
-    if op.raw_body:
-        return settings.max_definition_bytes + 4096
+    if op.raw_body:  # the client measures compact JSON: leave room for indentation
+        return 4 * settings.max_definition_bytes + 65_536
     if op.body is BatchRequest:
         return BATCH_BODY_BYTES
     return 2 * max(settings.max_attributes_bytes, settings.max_payload_bytes) + 65_536
@@ -239,7 +250,14 @@ def _validated_body(op: Operation, raw: bytes | None) -> Any:
         if first["type"] == "model_type" and not first["loc"]:
             raise _not_an_object(op, type(first.get("input")).__name__) from None
         raise describe_validation(exc) from None
+    if isinstance(body, BatchRequest) and len(body.contacts) > BATCH_LIMIT:
+        _too_many(len(body.contacts))  # (a body orjson refused was not counted before)
     return body
+
+
+def _too_many(rows: int) -> None:
+    raise Problem(413, "TooLarge", f"contacts: {rows} rows; one call takes at most "
+                  f"{BATCH_LIMIT} (split the batch)")  # fmt: skip
 
 
 def _check_batch_size(raw: bytes) -> None:
@@ -251,11 +269,7 @@ def _check_batch_size(raw: bytes) -> None:
         return  # the validation says what is wrong with it
     contacts = doc.get("contacts") if isinstance(doc, dict) else None
     if isinstance(contacts, list) and len(contacts) > BATCH_LIMIT:
-        raise Problem(
-            413, "TooLarge",
-            f"contacts: {len(contacts)} rows; one call takes at most {BATCH_LIMIT} "
-            "(split the batch)",
-        )  # fmt: skip
+        _too_many(len(contacts))
 
 
 def bind(op: Operation, api: Api) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:

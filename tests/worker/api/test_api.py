@@ -438,3 +438,18 @@ async def test_review_findings_stay_fixed(api: ApiCaller, client: CampaignClient
     # a node name with ':' in it: its group can be replayed (the action still fails later)
     replayed = await api.post("/v1/failures/replay", {"group": "colon:a:b:UnknownAction"})
     assert replayed.status == 200 and replayed.body["replayed"] == 1, replayed.body
+
+
+async def test_a_batch_past_the_limit_is_refused_whole_even_when_json_parsers_disagree(
+    api: ApiCaller, client: CampaignClient, svc: FakeService
+) -> None:
+    """Found in review: 1e400 makes orjson (the row count) refuse the body while pydantic
+    reads it, so the count was skipped and 5,999 rows were enrolled before a 422."""
+    await api.post("/v1/campaigns", reply_timeout(svc))
+    rows = [f'{{"contact_id": "b{n}"}}' for n in range(5999)]
+    rows.append('{"contact_id": "last", "attributes": {"x": 1e400}}')
+    body = ('{"contacts": [' + ",".join(rows) + "]}").encode()
+    reply = await api.post("/v1/campaigns/rt/enrollments/batch", data=body,
+                           headers={"Content-Type": "application/json"})  # fmt: skip
+    assert_problem(reply, 413, "TooLarge", "6000 rows")
+    assert (await client.service.store.count_by_state("rt"))["scheduled"] == 0

@@ -402,6 +402,21 @@ async def test_a_huge_login_form_is_refused_unread(ui: Browser) -> None:
     assert got.status == 413
 
 
+@pytest.mark.parametrize(("body", "content_type"), [
+    (b"token=\xff\xfe", "application/x-www-form-urlencoded"),
+    (b"token=x", "application/x-www-form-urlencoded; charset=no-such-charset"),
+    (b"--x\r\n\r\nvalue\r\n--x--\r\n", "multipart/form-data"),
+])  # fmt: skip
+async def test_a_form_that_cannot_be_read_is_a_400_page(
+    ui: Browser, body: bytes, content_type: str
+) -> None:
+    """Found in review: aiohttp raises on these, which was a 500 before any login."""
+    async with ui.http.post(ui.base + "/ui/login", data=body,
+                            headers={"Content-Type": content_type}) as resp:  # fmt: skip
+        text = await resp.text()
+    assert resp.status == 400 and "400 · BadRequest" in text, text[:300]
+
+
 # -- in a real browser ---------------------------------------------------------------------
 
 SCREENSHOTS = Path(os.environ.get("CONSOLE_SCREENSHOTS") or ROOT / "artifacts" / "console")
