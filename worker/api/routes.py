@@ -9,6 +9,7 @@ model. The client underneath checks the limits, as it does for a Python caller.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ from worker.api.schemas import (
 from worker.dead_letters import list_dead_letters
 
 __all__ = ["API_KEY", "OPERATIONS", "Api", "Operation", "bind", "describe_validation"]
+
+log = logging.getLogger("worker.api")
 
 #: Where the :class:`Api` lives in the aiohttp application.
 API_KEY: web.AppKey[Api] = web.AppKey("campaign_api")
@@ -300,6 +303,9 @@ def bind(op: Operation, api: Api) -> Callable[[web.Request], Awaitable[web.Strea
             raw = await _raw_body(request, op.body_required, body_limit(op, api.settings))
             call.body = _validated_body(op, raw)
         result = await op.handler(call)
+        if op.writes:  # who changed what: the token's id (a hash prefix), never the token
+            log.info("api write", extra={"operation": op.operation_id,
+                                         "token_id": principal.token_id, **request.match_info})  # fmt: skip
         body = op.response.model_validate(result) if not isinstance(result, BaseModel) else result
         return web.Response(
             status=op.status,

@@ -453,3 +453,19 @@ async def test_a_batch_past_the_limit_is_refused_whole_even_when_json_parsers_di
                            headers={"Content-Type": "application/json"})  # fmt: skip
     assert_problem(reply, 413, "TooLarge", "6000 rows")
     assert (await client.service.store.count_by_state("rt"))["scheduled"] == 0
+
+
+async def test_each_write_is_logged_with_the_tokens_id_never_the_token(
+    api: ApiCaller, svc: FakeService, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="worker.api")
+    await api.post("/v1/campaigns", reply_timeout(svc))
+    await api.post("/v1/campaigns/rt/enrollments", {"contact_id": "audited"})
+    await api.post("/v1/enrollments/rt:audited/cancel", {"reason": "test"})
+    await api.get("/v1/enrollments/rt:audited")  # a read: not logged
+    writes = [r for r in caplog.records if r.getMessage() == "api write"]
+    assert [(r.operation, r.__dict__.get("campaign_id"), r.__dict__.get("enrollment_id"))  # type: ignore[attr-defined]
+            for r in writes] == [("registerCampaign", None, None), ("enroll", "rt", None),
+                                 ("cancel", None, "rt:audited")]  # fmt: skip
+    assert len({r.token_id for r in writes}) == 1  # type: ignore[attr-defined]
+    assert all(RW not in r.getMessage() and RW not in str(r.__dict__) for r in caplog.records)
