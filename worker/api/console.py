@@ -42,6 +42,7 @@ from worker.dead_letters import list_dead_letters
 __all__ = ["Graph", "layout", "setup_console"]
 
 log = logging.getLogger("worker.api.console")
+audit = logging.getLogger("worker.api")
 
 #: Enrollments per page of the enrollment list.
 PAGE_SIZE = 50
@@ -360,7 +361,12 @@ class Console:
                 if problem is not None:
                     return self.error(403, "Forbidden", problem, session)
             try:
-                return await handler(request, session)
+                response = await handler(request, session)
+                if write and request.method == "POST":  # as the API logs its writes
+                    audit.info("api write", extra={
+                        "operation": f"console:{handler.__name__}",
+                        "token_id": session.principal.token_id, **request.match_info})  # fmt: skip
+                return response
             except web.HTTPException:
                 raise
             except CampaignError as exc:

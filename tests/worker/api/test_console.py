@@ -567,3 +567,19 @@ async def test_an_operator_replays_a_failure_group_in_chromium(
         assert api.stop() == 0
         assert worker.stop() == 0
     assert len(list(SCREENSHOTS.glob("[1-8]*-*.png"))) >= 9
+
+
+async def test_console_writes_are_logged_like_the_apis(
+    ui: Browser, client: CampaignClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="worker.api")
+    await populate(client)
+    await ui.login(RW)
+    csrf = await ui.csrf()
+    got = await ui.post("/ui/enrollments/onboard%3Aw2/cancel", {"csrf": csrf})
+    assert got.status == 303, got.text[:300]
+    writes = [r for r in caplog.records if r.getMessage() == "api write"]
+    assert [(r.operation, r.enrollment_id) for r in writes] == [  # type: ignore[attr-defined]
+        ("console:cancel", "onboard:w2")
+    ]
+    assert RW not in str(writes[0].__dict__)
