@@ -90,4 +90,5 @@ def subprocess_env(**overrides: str) -> dict[str, str]:
 
 
 # Real local Redis Cluster / Sentinel topologies (function scope), for any test module.
+from tests.stand_ins import otlp  # noqa: E402, F401
 from tests.topologies import redis_cluster, redis_sentinel  # noqa: E402, F401

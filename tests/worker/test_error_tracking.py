@@ -21,9 +21,9 @@ from app.settings import Settings
 from tests.conftest import subprocess_env
 from tests.fake_service import FakeService
 from tests.helpers import WorkerProcess, eventually
+from tests.stand_ins import HttpStandIn, Receiver
 from tests.worker.test_processors import campaign, fast_retry, http, wait_state
-from tests.worker.test_tracing import Receiver
-from worker.embedded_redis import EmbeddedRedis, free_port
+from worker.embedded_redis import EmbeddedRedis
 
 CLI = Path(sys.executable).parent / "campaign-worker"
 
@@ -49,14 +49,16 @@ def parse_envelope(body: bytes) -> list[tuple[dict[str, Any], bytes]]:
     return items
 
 
-class SentryStandIn:
+class SentryStandIn(HttpStandIn):
     """Accepts envelope POSTs at ``/api/<project>/envelope/``, as Sentry's ingest does."""
 
     def __init__(self) -> None:
-        self.port = free_port()
+        super().__init__()
         self.events: list[dict[str, Any]] = []
         self.auth: list[str] = []
-        self._runner: web.AppRunner | None = None
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post("/api/{project}/envelope/", self.envelope)
 
     @property
     def dsn(self) -> str:
@@ -72,17 +74,6 @@ class SentryStandIn:
                 self.events.append(json.loads(payload))
         return web.json_response({"id": "0" * 32})
 
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/api/{project}/envelope/", self.envelope)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
     def for_enrollment(self, eid: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e.get("tags", {}).get("enrollment_id") == eid]
 
@@ -95,14 +86,6 @@ async def sentry() -> AsyncIterator[SentryStandIn]:
     await s.stop()
 
 
-@pytest.fixture
-async def otlp() -> AsyncIterator[Receiver]:
-    r = Receiver()
-    await r.start()
-    yield r
-    await r.stop()
-
-
 async def test_failed_steps_reach_sentry_with_their_tags(
     sentry: SentryStandIn, otlp: Receiver, svc: FakeService, redis_server: EmbeddedRedis,
     settings: Settings, redis: Any,
@@ -110,8 +93,7 @@ async def test_failed_steps_reach_sentry_with_their_tags(
     worker = WorkerProcess(
         redis_server.url,
         SENTRY_DSN=sentry.dsn,
-        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{otlp.port}",
-        OTEL_BSP_SCHEDULE_DELAY="50",
+        **otlp.env(),
     ).start()
     try:
         await worker.wait_status("/readyz", 200)

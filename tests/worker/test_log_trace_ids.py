@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
-import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
 from app import CampaignClient
@@ -15,18 +13,10 @@ from app.models import State
 from app.settings import Settings
 from tests.fake_service import FakeService
 from tests.helpers import WorkerProcess, eventually
+from tests.stand_ins import Receiver
 from tests.worker.test_processors import campaign, http, wait_state
-from tests.worker.test_tracing import Receiver
 from worker.embedded_redis import EmbeddedRedis
 from worker.logs import JsonFormatter, TextFormatter
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    r = Receiver()
-    await r.start()
-    yield r
-    await r.stop()
 
 
 def _record(msg: str = "hello") -> logging.LogRecord:
@@ -48,13 +38,12 @@ def test_formatters_add_the_current_span_ids() -> None:
 
 
 async def test_a_step_log_line_names_its_exported_span(
-    receiver: Receiver, svc: FakeService, redis_server: EmbeddedRedis, settings: Settings,
+    otlp: Receiver, svc: FakeService, redis_server: EmbeddedRedis, settings: Settings,
     redis: Any,
 ) -> None:  # fmt: skip
     worker = WorkerProcess(
         redis_server.url,
-        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{receiver.port}",
-        OTEL_BSP_SCHEDULE_DELAY="50",
+        **otlp.env(),
     ).start()
     try:
         await worker.wait_status("/readyz", 200)
@@ -70,7 +59,7 @@ async def test_a_step_log_line_names_its_exported_span(
         line = await eventually(lambda: _now(started()), what="the step's 'job started' line")
 
         def exported() -> dict[str, Any] | None:
-            return next((s for s in receiver.spans if s["name"] == "process run_step"
+            return next((s for s in otlp.spans if s["name"] == "process run_step"
                          and s["attrs"].get("campaign.enrollment_id") == eid), None)  # fmt: skip
 
         span = await eventually(lambda: _now(exported()), 15, what="the step's span exported")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from aiohttp import web
 from opentelemetry import trace
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -19,8 +17,9 @@ from app.settings import Settings
 from app.tracing import refresh as refresh_tracing
 from tests.fake_service import FakeService
 from tests.helpers import WorkerProcess, eventually
+from tests.stand_ins import Receiver
 from tests.worker.test_processors import campaign, http, wait_state
-from worker.embedded_redis import EmbeddedRedis, free_port
+from worker.embedded_redis import EmbeddedRedis
 from worker.telemetry import tracing_requested
 
 CLIENT_SPANS = InMemorySpanExporter()
@@ -38,71 +37,18 @@ def client_tracing() -> Iterator[InMemorySpanExporter]:
     yield CLIENT_SPANS
 
 
-class Receiver:
-    """An OTLP/HTTP collector: decodes ExportTraceServiceRequest protobufs."""
-
-    def __init__(self) -> None:
-        self.spans: list[dict[str, Any]] = []
-        self.port = free_port()
-        self._runner: web.AppRunner | None = None
-
-    async def handle(self, request: web.Request) -> web.Response:
-        req = ExportTraceServiceRequest()
-        req.ParseFromString(await request.read())
-        for rs in req.resource_spans:
-            service = {a.key: a.value.string_value for a in rs.resource.attributes}.get(
-                "service.name"
-            )
-            for ss in rs.scope_spans:
-                for s in ss.spans:
-                    attrs = {a.key: _value(a.value) for a in s.attributes}
-                    self.spans.append({
-                        "name": s.name, "kind": s.kind, "trace_id": s.trace_id.hex(),
-                        "span_id": s.span_id.hex(), "parent": s.parent_span_id.hex(),
-                        "attrs": attrs, "status": s.status.code, "service": service,
-                        "links": [(ln.trace_id.hex(), ln.span_id.hex()) for ln in s.links],
-                        "events": [e.name for e in s.events],
-                    })  # fmt: skip
-        return web.Response(status=200)
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/v1/traces", self.handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-
-def _value(v: Any) -> Any:
-    kind = v.WhichOneof("value")
-    return getattr(v, kind) if kind else None
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    r = Receiver()
-    await r.start()
-    yield r
-    await r.stop()
-
-
 CONSUMER, PRODUCER, CLIENT = 5, 4, 3  # OTLP SpanKind enum values
 ERROR = 2
 
 
 async def test_one_enrollment_traced_end_to_end(
-    client_tracing: InMemorySpanExporter, receiver: Receiver, svc: FakeService,
+    client_tracing: InMemorySpanExporter, otlp: Receiver, svc: FakeService,
     redis_server: EmbeddedRedis, settings: Settings, redis: Any,
 ) -> None:  # fmt: skip
     worker = WorkerProcess(
         redis_server.url,
-        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{receiver.port}",
+        **otlp.env(),
         OTEL_SERVICE_NAME="campaign-worker-test",
-        OTEL_BSP_SCHEDULE_DELAY="50",
     ).start()
     try:
         await worker.wait_status("/readyz", 200)
@@ -119,7 +65,7 @@ async def test_one_enrollment_traced_end_to_end(
         def mine(name: str) -> list[dict[str, Any]]:
             return [
                 s
-                for s in receiver.spans
+                for s in otlp.spans
                 if s["name"] == name and s["attrs"].get("campaign.enrollment_id") == eid
             ]
 
@@ -151,16 +97,14 @@ async def test_one_enrollment_traced_end_to_end(
     assert attrs["campaign.job.lateness_seconds"] >= 0
     # the action and its HTTP call are children of the consumer span
     action = next(
-        s for s in receiver.spans if s["name"] == "action http" and s["parent"] == first["span_id"]
+        s for s in otlp.spans if s["name"] == "action http" and s["parent"] == first["span_id"]
     )
-    post = next(
-        s for s in receiver.spans if s["name"] == "POST" and s["parent"] == action["span_id"]
-    )
+    post = next(s for s in otlp.spans if s["name"] == "POST" and s["parent"] == action["span_id"])
     assert post["kind"] == CLIENT and post["attrs"]["http.response.status_code"] == 200
     assert svc.calls_for(eid)[0].headers["traceparent"].split("-")[1] == first["trace_id"]
     # the worker's own enqueue (first -> wait) is a producer span inside the consumer span
     advance = next(
-        s for s in receiver.spans if s["kind"] == PRODUCER and s["parent"] == first["span_id"]
+        s for s in otlp.spans if s["kind"] == PRODUCER and s["parent"] == first["span_id"]
     )
     assert advance["attrs"]["messaging.message.id"] == f"timeout:{eid}:2"
     # the timeout fires long after: a new trace, linked to the span that scheduled it
@@ -170,7 +114,7 @@ async def test_one_enrollment_traced_end_to_end(
     # the failing step has error status and the exception recorded; the error keeps its trace id
     assert last["status"] == ERROR and last["attrs"]["campaign.job.outcome"] == "failed"
     failing_action = next(
-        s for s in receiver.spans if s["name"] == "action http" and s["parent"] == last["span_id"]
+        s for s in otlp.spans if s["name"] == "action http" and s["parent"] == last["span_id"]
     )
     assert failing_action["status"] == ERROR and "exception" in failing_action["events"]
     assert failed.error is not None and failed.error.trace_id == last["trace_id"]

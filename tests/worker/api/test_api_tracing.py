@@ -3,28 +3,16 @@ worker's step spans join the same trace."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import aiohttp
-import pytest
 
 from app.settings import Settings
 from tests.fake_service import FakeService
 from tests.helpers import WorkerProcess, eventually
+from tests.stand_ins import Receiver
 from tests.worker.api.conftest import RW, ApiProcess
 from tests.worker.api.test_api import reply_timeout
-from tests.worker.test_tracing import Receiver
 
 SERVER = 2  # OTLP SpanKind
-
-
-@pytest.fixture
-async def otlp() -> AsyncIterator[Receiver]:
-    """An OTLP/HTTP collector both processes export to."""
-    r = Receiver()
-    await r.start()
-    yield r
-    await r.stop()
 
 
 async def test_an_enrollment_made_over_http_is_one_trace_from_caller_to_worker(
@@ -32,8 +20,7 @@ async def test_an_enrollment_made_over_http_is_one_trace_from_caller_to_worker(
 ) -> None:
     del client  # (it empties the private Redis)
     url = settings.redis_url.get_secret_value()
-    otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp.port}",
-            "OTEL_BSP_SCHEDULE_DELAY": "50"}  # fmt: skip
+    otel = otlp.env()
     api = await ApiProcess(url, OTEL_SERVICE_NAME="api-test", **otel).start()
     worker = WorkerProcess(url, OTEL_SERVICE_NAME="worker-test", **otel).start()
     caller_trace, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
