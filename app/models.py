@@ -13,6 +13,7 @@ __all__ = [
     "TERMINAL_STATES",
     "EnrollManyResult",
     "EnrollmentStatus",
+    "EnrollmentSummary",
     "ErrorInfo",
     "HistoryEntry",
     "State",
@@ -83,8 +84,8 @@ class HistoryEntry(_Frozen):
         )
 
 
-class EnrollmentStatus(_Frozen):
-    """An enrollment as stored, with its history (oldest first)."""
+class EnrollmentSummary(_Frozen):
+    """An enrollment as stored, without its history (what a listing shows)."""
 
     enrollment_id: str
     campaign_id: str
@@ -101,11 +102,16 @@ class EnrollmentStatus(_Frozen):
     error: ErrorInfo | None
     created_at: datetime | None
     updated_at: datetime | None
-    history: list[HistoryEntry] = []
 
     @property
     def is_terminal(self) -> bool:
         return self.state in TERMINAL_STATES
+
+
+class EnrollmentStatus(EnrollmentSummary):
+    """An enrollment as stored, with its history (oldest first)."""
+
+    history: list[HistoryEntry] = []
 
 
 class EnrollManyResult(int):

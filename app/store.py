@@ -26,7 +26,14 @@ from redis.exceptions import NoScriptError
 from app.errors import CorruptRecord
 from app.jobs import Job, split_enrollment_id
 from app.keys import Keys, ShardKeys
-from app.models import EnrollmentStatus, ErrorInfo, HistoryEntry, State, ms_to_datetime
+from app.models import (
+    EnrollmentStatus,
+    EnrollmentSummary,
+    ErrorInfo,
+    HistoryEntry,
+    State,
+    ms_to_datetime,
+)
 
 __all__ = [
     "PURGED",
@@ -354,14 +361,14 @@ class EnrollmentStore:
         entries = [orjson.loads(h) for h in hist] or [creation_entry(rec)]
         return to_status(enrollment_id, rec, entries)
 
-    async def summaries(self, enrollment_ids: Sequence[str]) -> list[EnrollmentStatus | None]:
+    async def summaries(self, enrollment_ids: Sequence[str]) -> list[EnrollmentSummary | None]:
         """Many enrollments without their history, in one round trip: None for one that
         is gone or whose record cannot be read (``status`` of that one names the field)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for eid in enrollment_ids:
                 pipe.hgetall(self.keys.enrollment(eid))
             raws = await pipe.execute()
-        out: list[EnrollmentStatus | None] = []
+        out: list[EnrollmentSummary | None] = []
         for eid, raw in zip(enrollment_ids, raws, strict=True):
             if not raw:
                 out.append(None)

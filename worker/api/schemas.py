@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, JsonValue
 
-from app.models import EnrollmentStatus, ErrorInfo, State
+from app.models import EnrollmentSummary, State
 
 __all__ = [
     "BATCH_LIMIT",
@@ -31,7 +31,6 @@ __all__ = [
     "DeadLetterQuery",
     "EnrollRequest",
     "EnrollmentPage",
-    "EnrollmentSummary",
     "FailureGroupList",
     "FailureGroupOut",
     "GroupReplayRequest",
@@ -102,7 +101,7 @@ class BatchRequest(_Body):
         json_schema_extra={"examples": [{"contacts": [_CONTACT, {"contact_id": "contact-43"}]}]}
     )
 
-    contacts: list[EnrollRequest]
+    contacts: list[EnrollRequest] = Field(max_length=BATCH_LIMIT)
 
 
 class SignalRequest(_Body):
@@ -189,30 +188,6 @@ class CampaignDetail(_Out):
     by_node_complete: bool = Field(
         description="false when the campaign had more enrollments than by_node reads"
     )
-
-
-class EnrollmentSummary(_Out):
-    """An enrollment's status without its history (``GET /v1/enrollments/{id}`` has it)."""
-
-    enrollment_id: str
-    campaign_id: str
-    contact_id: str
-    campaign_version: int
-    state: State
-    node: str | None
-    step: int
-    attempt: int
-    run_at: datetime | None
-    deadline: datetime | None
-    timezone: str | None
-    attributes: dict[str, Any]
-    error: ErrorInfo | None
-    created_at: datetime | None
-    updated_at: datetime | None
-
-    @classmethod
-    def of(cls, status: EnrollmentStatus) -> EnrollmentSummary:
-        return cls(**status.model_dump(exclude={"history"}))
 
 
 class EnrollmentPage(_Out):
