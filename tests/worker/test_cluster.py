@@ -14,6 +14,7 @@ import pytest
 from app.client import CampaignClient
 from app.models import State
 from app.settings import ConfigError, Settings
+from tests.campaigns import reply_timeout
 from tests.fake_service import FakeService
 from tests.helpers import WorkerProcess, eventually
 from tests.topologies import LocalCluster, LocalSentinel
@@ -22,41 +23,6 @@ SHARDS = "6"
 _TERMINAL = {State.COMPLETED, State.FAILED, State.CANCELLED}
 FAST = {"CAMPAIGN_SHARDS": SHARDS, "CAMPAIGN_RECONCILE_EVERY": "5", "CAMPAIGN_LEASE": "3",
         "CAMPAIGN_REDIS_BACKOFF_MAX": "0.5"}  # fmt: skip
-
-
-def campaign(svc: FakeService, timeout: float = 1.0) -> dict[str, Any]:
-    return {
-        "id": "rt",
-        "entry": "first",
-        "nodes": {
-            "first": {
-                "type": "action",
-                "action": "http",
-                "params": {"url": svc.url("/ok")},
-                "next": "wait",
-            },
-            "wait": {
-                "type": "wait",
-                "event": "replied",
-                "timeout": timeout,
-                "on_event": "thanks",
-                "on_timeout": "nudge",
-            },
-            "thanks": {
-                "type": "action",
-                "action": "http",
-                "params": {"url": svc.url("/ok")},
-                "next": "done",
-            },
-            "nudge": {
-                "type": "action",
-                "action": "http",
-                "params": {"url": svc.url("/ok")},
-                "next": "done",
-            },
-            "done": {"type": "exit"},
-        },
-    }
 
 
 def settings_for(url: str) -> Settings:
@@ -102,7 +68,7 @@ async def _run(url: str, svc: FakeService, n: int, fault: Any = None) -> tuple[l
         for w in workers:
             await w.wait_status("/readyz", 200, timeout=30)
         async with CampaignClient(settings=settings_for(url)) as client:
-            await client.register_campaign(campaign(svc))
+            await client.register_campaign(reply_timeout(svc, max_attempts=None))
             contacts = [{"contact_id": f"c{i:04d}"} for i in range(n)]
             assert await client.enroll_many("rt", contacts) == n
             ids = [f"rt:c{i:04d}" for i in range(n)]
@@ -289,7 +255,7 @@ async def test_a_client_that_writes_first_pins_the_shard_count(
     redis_cluster: LocalCluster, svc: FakeService
 ) -> None:
     async with CampaignClient(settings=settings_for(redis_cluster.url)) as client:
-        await client.register_campaign(campaign(svc))
+        await client.register_campaign(reply_timeout(svc, max_attempts=None))
         assert await client.enroll_many("rt", [{"contact_id": f"c{i}"} for i in range(30)]) == 30
     other = Settings(redis_url=redis_cluster.url, shards=4)  # type: ignore[arg-type]
     async with CampaignClient(settings=other) as client:

@@ -101,6 +101,11 @@ class ApiProcess:
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    async def call(self, method: str, path: str, json: Any = None, **kw: Any) -> Reply:
+        """One call with the read-write token (``token=None``: none), as ApiCaller's."""
+        async with aiohttp.ClientSession() as session:
+            return await ApiCaller(self.base, session, None).call(method, path, json, **kw)
+
     async def start(self) -> ApiProcess:
         exe = Path(sys.executable).parent / "campaign-worker"
         self.proc = subprocess.Popen([str(exe), "api"], env=self.env, stdout=subprocess.PIPE,

@@ -10,13 +10,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from app.client import CampaignClient
 from app.jobs import JobTarget
 from app.models import State
 from app.settings import Settings
+from tests.campaigns import reply_timeout
 from tests.conftest import subprocess_env
 from tests.fake_service import FakeService
 from tests.helpers import WorkerProcess, eventually
@@ -24,34 +24,6 @@ from tests.queue_view import claim_one
 from tests.worker.api.conftest import RO, RW, ApiCaller, ApiProcess, Reply
 from worker.api.problems import CONTENT_TYPE
 from worker.api.routes import OPERATIONS
-
-
-def reply_timeout(
-    svc: FakeService, *, fail_path: str = "/ok", timeout: float = 1.0
-) -> dict[str, Any]:
-    """First step, a wait for "replied" (``timeout`` seconds), then thanks or nudge."""
-
-    def act(path: str, nxt: str) -> dict[str, Any]:
-        return {"type": "action", "action": "http", "params": {"url": svc.url(path)}, "next": nxt,
-                "retry": {"max_attempts": 1}}  # fmt: skip
-
-    return {
-        "id": "rt",
-        "entry": "first",
-        "nodes": {
-            "first": act(fail_path, "wait"),
-            "wait": {
-                "type": "wait",
-                "event": "replied",
-                "timeout": timeout,
-                "on_event": "thanks",
-                "on_timeout": "nudge",
-            },
-            "thanks": act("/ok", "done"),
-            "nudge": act("/ok", "done"),
-            "done": {"type": "exit"},
-        },
-    }
 
 
 def assert_problem(reply: Reply, status: int, title: str, *needles: str) -> dict[str, Any]:
@@ -365,18 +337,13 @@ def test_the_api_refuses_to_start_without_a_usable_token(tokens: str | None, say
 async def test_redis_down_is_a_503_problem_and_the_api_lives(private_redis: Any) -> None:
     proc = await ApiProcess(private_redis.url).start()
     try:
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {RW}"}) as s:
-            async with s.get(proc.base + "/v1/queue") as r:
-                assert r.status == 200
-            private_redis.close()
-            async with s.get(proc.base + "/v1/queue") as r:
-                body = await r.json(content_type=None)
-                assert r.status == 503 and body["title"] == "Unavailable", body
-                assert r.headers["Retry-After"] == "1"
-            async with s.get(proc.base + "/readyz") as r:
-                assert r.status == 503
-            async with s.get(proc.base + "/livez") as r:
-                assert r.status == 200
+        assert (await proc.call("GET", "/v1/queue")).status == 200
+        private_redis.close()
+        down = await proc.call("GET", "/v1/queue")
+        assert_problem(down, 503, "Unavailable")
+        assert down.headers["Retry-After"] == "1"
+        assert (await proc.call("GET", "/readyz")).status == 503
+        assert (await proc.call("GET", "/livez")).status == 200
         assert proc.proc is not None and proc.proc.poll() is None
     finally:
         assert proc.stop() == 0

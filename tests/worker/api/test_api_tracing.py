@@ -3,14 +3,12 @@ worker's step spans join the same trace."""
 
 from __future__ import annotations
 
-import aiohttp
-
 from app.settings import Settings
+from tests.campaigns import reply_timeout
 from tests.fake_service import FakeService
 from tests.helpers import WorkerProcess, eventually
 from tests.stand_ins import Receiver
-from tests.worker.api.conftest import RW, ApiProcess
-from tests.worker.api.test_api import reply_timeout
+from tests.worker.api.conftest import ApiProcess
 
 SERVER = 2  # OTLP SpanKind
 
@@ -25,15 +23,12 @@ async def test_an_enrollment_made_over_http_is_one_trace_from_caller_to_worker(
     worker = WorkerProcess(url, OTEL_SERVICE_NAME="worker-test", **otel).start()
     caller_trace, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
     try:
-        headers = {"Authorization": f"Bearer {RW}"}
-        async with aiohttp.ClientSession(headers=headers) as s:
-            async with s.post(api.base + "/v1/campaigns", json=reply_timeout(svc)) as r:
-                assert r.status == 201
-            async with s.post(
-                api.base + "/v1/campaigns/rt/enrollments", json={"contact_id": "traced"},
-                headers={"traceparent": f"00-{caller_trace}-{caller_span}-01"},
-            ) as r:  # fmt: skip
-                assert r.status == 201
+        assert (await api.call("POST", "/v1/campaigns", reply_timeout(svc))).status == 201
+        enrolled = await api.call(
+            "POST", "/v1/campaigns/rt/enrollments", {"contact_id": "traced"},
+            headers={"traceparent": f"00-{caller_trace}-{caller_span}-01"},
+        )  # fmt: skip
+        assert enrolled.status == 201
 
         def in_trace(service: str) -> list[dict[str, object]]:
             return [x for x in otlp.spans

@@ -10,13 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import aiohttp
-
 from app.settings import Settings
+from tests.campaigns import reply_timeout
 from tests.conftest import subprocess_env
 from tests.fake_service import FakeService
 from tests.worker.api.conftest import RW, ApiProcess
-from tests.worker.api.test_api import reply_timeout
 
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 
@@ -27,14 +25,9 @@ async def test_schemathesis_finds_no_server_error_and_no_mismatch(
     del client  # (it empties the private Redis)
     api = await ApiProcess(settings.redis_url.get_secret_value()).start()
     try:
-        headers = {"Authorization": f"Bearer {RW}"}
-        async with aiohttp.ClientSession(headers=headers) as s:
-            async with s.post(api.base + "/v1/campaigns", json=reply_timeout(svc)) as r:
-                assert r.status == 201
-            async with s.post(
-                api.base + "/v1/campaigns/rt/enrollments", json={"contact_id": "c1"}
-            ) as r:
-                assert r.status == 201
+        assert (await api.call("POST", "/v1/campaigns", reply_timeout(svc))).status == 201
+        enrolled = await api.call("POST", "/v1/campaigns/rt/enrollments", {"contact_id": "c1"})
+        assert enrolled.status == 201
         report = tmp_path / "report"
         done = subprocess.run(
             [str(Path(sys.executable).parent / "schemathesis"), "--config-file", str(CONFIG),
