@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 import orjson
 from pydantic import TypeAdapter, ValidationError
@@ -27,10 +27,9 @@ from app.errors import (
     InvalidRequest,
 )
 from app.failures import failure_groups, parse_group, replay_group
-from app.keys import Keys
 from app.models import EnrollmentStatus, State
 from app.retention import finished_cutoff
-from app.settings import ConfigError, Settings
+from app.settings import Settings
 
 __all__ = [
     "dead_letter_action",
@@ -41,6 +40,7 @@ __all__ = [
     "info",
     "list_enrollments",
     "migrate",
+    "open_input",
     "parse_finished_before",
     "parse_maps",
     "ping_workers",
@@ -110,13 +110,23 @@ def _parse_json(text: str, where: str) -> Any:
         raise InvalidRequest(f"{where}: not valid JSON: {exc}") from None
 
 
-def _read_json(path: Path) -> Any:
+def open_input(path: Path) -> BinaryIO:
+    """``path`` opened for reading; a missing or unreadable file is an InvalidRequest
+    naming it (one line, no traceback)."""
     try:
-        data = path.read_bytes()
+        return path.open("rb")
     except FileNotFoundError:
         raise InvalidRequest(f"{path}: no such file") from None
     except OSError as exc:
         raise InvalidRequest(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+def _read_json(path: Path) -> Any:
+    with open_input(path) as handle:
+        try:
+            data = handle.read()
+        except OSError as exc:  # a directory, or a read error
+            raise InvalidRequest(f"{path}: cannot read: {exc.strerror or exc}") from None
     return _parse_json(_utf8(data, str(path)), str(path))
 
 
@@ -150,12 +160,7 @@ def _contacts(path: Path, cursor: list[int]) -> Iterator[tuple[int, dict[str, An
     """(line number, contact) from a JSON-lines file, one object per line; errors name the
     line, and a byte that is not UTF-8 its offset in the file. ``cursor[0]`` is the number
     of the line being read."""
-    try:
-        handle = path.open("rb")
-    except FileNotFoundError:
-        raise InvalidRequest(f"{path}: no such file") from None
-    except OSError as exc:
-        raise InvalidRequest(f"{path}: cannot read: {exc.strerror or exc}") from None
+    handle = open_input(path)
     offset = 0
     with handle:
         for number, raw in enumerate(handle, 1):
@@ -337,21 +342,6 @@ async def dead_letters(client: CampaignClient, limit: int, out: TextIO) -> int:
     return 0
 
 
-async def _checked_keys(client: CampaignClient) -> Keys:
-    """The key layout of ``client``'s settings, after checking that ``CAMPAIGN_SHARDS``
-    matches the count the data was written with (else the numbers would be wrong)."""
-    settings = client.settings
-    keys = Keys(settings.key_prefix, settings.shards)
-    raw = await client.redis.get(keys.shard_count)
-    recorded = raw.decode("utf-8", "replace") if raw is not None else None
-    if recorded is not None and recorded != str(settings.shards):
-        raise ConfigError(
-            f"CAMPAIGN_SHARDS: this Redis holds {recorded[:20]} shard(s) under prefix "
-            f"{settings.key_prefix!r} (key {keys.shard_count}), not {settings.shards}"
-        )
-    return keys
-
-
 def _table(header: list[str], rows: list[list[str]], out: TextIO) -> None:
     """Columns padded to their widest cell: the first left-aligned, the rest right."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -364,7 +354,8 @@ def _table(header: list[str], rows: list[list[str]], out: TextIO) -> None:
 
 async def info(client: CampaignClient, out: TextIO) -> int:
     """The queue per shard, workers alive, and every campaign's enrollments by state."""
-    keys = await _checked_keys(client)
+    await client.connect()  # checks CAMPAIGN_SHARDS against the data
+    keys = client.service.keys
     view = await overview.queue_overview(client.redis, keys, client.settings)
     rows = [[f"{{{s.shard}}}", str(s.due), str(s.deferred), str(s.running), str(s.dead)]
             for s in view.shards]  # fmt: skip
@@ -403,7 +394,8 @@ async def list_enrollments(
 ) -> int:
     """One page of a campaign's enrollments, one ``id<TAB>state<TAB>node`` line each (``-``
     for no node); ``next: <cursor>`` on ``err`` when there is more."""
-    keys = await _checked_keys(client)
+    await client.connect()  # checks CAMPAIGN_SHARDS against the data
+    keys = client.service.keys
     page = await overview.list_enrollments(
         client.redis, keys, campaign, state=state, node=node, limit=limit, cursor=cursor
     )

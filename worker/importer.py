@@ -23,6 +23,7 @@ from typing import Any, TextIO
 
 from app.client import CampaignClient
 from app.errors import CampaignNotFound, EnrollManyError, InvalidRequest
+from worker.admin import open_input
 
 __all__ = ["FIELDS", "ImportReport", "import_file"]
 
@@ -54,13 +55,7 @@ def _rows(path: Path, report: ImportReport) -> Iterator[tuple[int, dict[str, Any
     """(line number, row) for each well-formed line; malformed ones go to ``report``."""
     import orjson
 
-    try:
-        handle = path.open("rb")
-    except FileNotFoundError:
-        raise InvalidRequest(f"{path}: no such file") from None
-    except OSError as exc:
-        raise InvalidRequest(f"{path}: cannot read: {exc.strerror or exc}") from None
-    with handle:
+    with open_input(path) as handle:
         for number, raw in enumerate(handle, 1):
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]  # a UTF-8 byte order mark (some editors and exports add one)
