@@ -272,9 +272,11 @@ async def test_poison_jobs_do_not_stop_the_worker(
 ) -> None:
     shard = client.service.keys.shard(0)
     # garbage in the campaign queue: no payload, a pickle, a payload of the wrong shape
-    await client.redis.zadd(shard.queue, {"garbage": 1, "step:x:y:1:1": 1, b"step:\xff:1:1": 1})
+    # (payloads first, as a producer writes them: the running worker may claim an entry
+    # the moment it is queued, and would find no payload yet)
     await client.redis.hset(shard.jobs, "step:x:y:1:1", b"\x80\x04not json")
     await client.redis.hset(shard.jobs, b"step:\xff:1:1", orjson.dumps({"f": "run_step", "a": []}))
+    await client.redis.zadd(shard.queue, {"garbage": 1, "step:x:y:1:1": 1, b"step:\xff:1:1": 1})
     # and in arq's own queue: an undecodable job and an unknown function
     await client.redis.set("arq:job:garbage", b"\x80\x04not json", px=60_000)
     await client.redis.zadd(settings.arq_queue, {"garbage": 1})
